@@ -1,0 +1,174 @@
+"""Layers: Mish, SimNorm, NormedLinear, the world-model MLP, the actor/critic MLP, ensembles, task embedding.
+
+Flax linen is only a thin init/apply layer here: parameters are plain nested dicts whose paths mirror the
+PyTorch state_dict keys of the reference (`_encoder.0.weight` <-> `_encoder/0/kernel`, transposed;
+`.ln.weight` <-> `ln/scale`), so `fmbpo_jax.torch_mapping` converts by rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LN_EPS = 1e-5
+
+
+def mish(x: jax.Array) -> jax.Array:
+    """x * tanh(softplus(x))."""
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+def simnorm(x: jax.Array, group: int = 8) -> jax.Array:
+    """Softmax inside contiguous groups of `group` features of the last axis: [..., D] -> [..., D]."""
+    if x.shape[-1] % group:
+        raise ValueError(f"SimNorm: last dim {x.shape[-1]} is not a multiple of simnorm_dim={group}")
+    y = jax.nn.softmax(x.reshape(*x.shape[:-1], x.shape[-1] // group, group), axis=-1)
+    return y.reshape(x.shape)
+
+
+def torch_linear_kernel_init() -> Callable:
+    """PyTorch's default nn.Linear weight init (kaiming_uniform a=sqrt(5)): U(+-1/sqrt(fan_in)); kernel is [in, out]."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in: int) -> Callable:
+    """PyTorch's default nn.Linear bias init: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# TD-MPC2 initialises every Linear with trunc_normal_(std=0.02), whose truncation is at +-2 in absolute
+# units (100 std), i.e. effectively a plain normal.
+wm_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+    # use_fast_variance=False: E[(x-mean)^2] like PyTorch, not E[x^2]-mean^2 (parity at 1e-6).
+    return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+
+
+class NormedLinear(nn.Module):
+    """Linear -> LayerNorm -> activation ('mish' | 'simnorm' | 'none').
+
+    Params: kernel [in, out], bias [out], ln/{scale, bias} (PyTorch: weight.T, bias, ln.weight, ln.bias).
+    """
+
+    features: int
+    act: str = "mish"
+    simnorm_dim: int = 8
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", wm_kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        y = layer_norm("ln")(x @ kernel + bias)
+        if self.act == "mish":
+            return mish(y)
+        if self.act == "simnorm":
+            return simnorm(y, self.simnorm_dim)
+        if self.act == "none":
+            return y
+        raise ValueError(f"NormedLinear: unknown act {self.act!r}")
+
+
+class WMMLP(nn.Module):
+    """TD-MPC2 `mlp(in, hidden, out, last)`: NormedLinear+Mish per hidden width, then the last layer.
+
+    last='simnorm': NormedLinear with SimNorm (encoder, dynamics, reference velocity head).
+    last='linear': plain Linear (reward head, fixed velocity head). Layers are named '0', '1', ...
+    zero_last: zero the last kernel (the reference zero-inits the reward head).
+    """
+
+    hidden: Sequence[int]
+    out: int
+    last: str = "simnorm"
+    simnorm_dim: int = 8
+    zero_last: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, width in enumerate(self.hidden):
+            x = NormedLinear(width, "mish", name=str(i))(x)
+        name = str(len(self.hidden))
+        if self.last == "simnorm":
+            return NormedLinear(self.out, "simnorm", self.simnorm_dim, name=name)(x)
+        if self.last == "linear":
+            init = nn.initializers.zeros if self.zero_last else wm_kernel_init
+            return nn.Dense(self.out, kernel_init=init, bias_init=nn.initializers.zeros, name=name)(x)
+        raise ValueError(f"WMMLP: unknown last layer {self.last!r}")
+
+
+class ActMLP(nn.Module):
+    """Actor/critic MLP of the reference: per hidden width Linear -> Mish -> LayerNorm, then Linear(out).
+
+    Names follow the PyTorch Sequential indices: Linear '0','3','6',..., LayerNorm '2','5',...
+    init_scheme: "torch" (PyTorch default Linear init, actors) or 'orthogonal' (gain sqrt(2), bias 0; critic).
+    """
+
+    hidden: Sequence[int]
+    out: int
+    init_scheme: str = "torch"
+
+    def _dense(self, width: int, fan_in: int, name: str) -> nn.Dense:
+        if self.init_scheme == "torch":
+            return nn.Dense(width, kernel_init=torch_linear_kernel_init(), bias_init=torch_linear_bias_init(fan_in), name=name)
+        if self.init_scheme == "orthogonal":
+            return nn.Dense(width, kernel_init=nn.initializers.orthogonal(math.sqrt(2.0)), bias_init=nn.initializers.zeros, name=name)
+        raise ValueError(f"ActMLP: unknown init_scheme {self.init_scheme!r}")
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, width in enumerate(self.hidden):
+            x = self._dense(width, x.shape[-1], str(3 * i))(x)
+            x = layer_norm(str(3 * i + 2))(mish(x))
+        return self._dense(self.out, x.shape[-1], str(3 * len(self.hidden)))(x)
+
+
+def ensemble(module_cls: type[nn.Module], size: int) -> type[nn.Module]:
+    """K copies of a module with parameters stacked on a leading axis; the input is shared; output [K, ...]."""
+    return nn.vmap(
+        module_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        out_axes=0,
+        axis_size=size,
+    )
+
+
+def embedding_scale(weight_rows: jax.Array, max_norm: float = 1.0) -> jax.Array:
+    """Factor that nn.Embedding(max_norm=1) applies to looked-up rows [..., D] -> [..., 1].
+
+    PyTorch renormalises rows with norm > max_norm to max_norm / (norm + 1e-7), in place; we do it at
+    lookup time as a pure function, so stored params are never mutated.
+    """
+    norm = jnp.linalg.norm(weight_rows, axis=-1, keepdims=True)
+    return jnp.where(norm > max_norm, max_norm / (norm + 1e-7), 1.0)
+
+
+def task_embedding(table: jax.Array, task: jax.Array, max_norm: float = 1.0) -> jax.Array:
+    """Look up task rows of table [num_tasks, task_dim] for task ids [...] -> [..., task_dim], max-norm applied.
+
+    The renormalisation factor is treated as a constant in the gradient (PyTorch computes it under no_grad).
+    """
+    rows = jnp.take(table, task, axis=0)
+    return rows * jax.lax.stop_gradient(embedding_scale(rows, max_norm))
+
+
+def renormed_table(table: jax.Array, used_task_ids, max_norm: float = 1.0) -> jax.Array:
+    """What PyTorch's in-place max-norm leaves in the table after looking up `used_task_ids` (for parity checks)."""
+    used = jnp.zeros((table.shape[0],), bool).at[jnp.asarray(used_task_ids)].set(True)
+    return jnp.where(used[:, None], table * embedding_scale(table, max_norm), table)
+
+
+def action_mask_table(action_dims: Sequence[int], max_action_dim: int) -> jax.Array:
+    """[num_tasks, max_action_dim] float32 mask: 1 for the first action_dims[t] columns of task t."""
+    cols = jnp.arange(max_action_dim)[None, :]
+    return (cols < jnp.asarray(action_dims)[:, None]).astype(jnp.float32)

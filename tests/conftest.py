@@ -1,0 +1,71 @@
+"""Shared fixtures: the golden outputs of the PyTorch reference and the small config (tests/fixtures)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+os.environ.setdefault("MUJOCO_GL", "disable")
+
+import numpy as np
+import pytest
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(FIXTURES / "golden_small.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="session")
+def small_cfg() -> dict:
+    return json.loads((FIXTURES / "config_small.json").read_text())
+
+
+def torch_load(name: str):
+    import torch
+
+    return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def native_ckpt():
+    return torch_load("wm_small_native.pt")
+
+
+@pytest.fixture(scope="session")
+def native_flow_ckpt():
+    return torch_load("wm_small_native_flow.pt")
+
+
+@pytest.fixture(scope="session")
+def flow_actor_ckpt():
+    return torch_load("actor_flow_small.pt")
+
+
+@pytest.fixture(scope="session")
+def small_models(small_cfg):
+    """(mlp WMConfig, flow WMConfig, gaussian ActorConfig, flow ActorConfig, CriticConfig) of the small fixture set."""
+    from fmbpo_jax.actors import ActorConfig
+    from fmbpo_jax.critic import CriticConfig
+    from fmbpo_jax.world_model import WMConfig
+
+    c = small_cfg
+    common = dict(obs_dim=c["obs_dim"], action_dim=c["action_dim"], latent_dim=c["latent_dim"], task_dim=c["task_dim"],
+                  num_tasks=len(c["tasks"]), encoder_units=tuple(c["encoder_units"]), simnorm_dim=c["simnorm_dim"],
+                  num_bins=c["num_bins"], vmin=c["vmin"], vmax=c["vmax"])
+    mlp = WMConfig(kind="mlp", units=tuple(c["units"]), **common)
+    flow = WMConfig(kind="flow", units=tuple(c["flow_units"]), velocity_head="simnorm", integrator="heun", substeps=4, **common)
+    gauss = ActorConfig(kind="gaussian", latent_dim=c["latent_dim"], action_dim=c["action_dim"], units=tuple(c["actor_units"]),
+                        min_logstd=c["actor_min_logstd"])
+    flow_actor = ActorConfig(kind="flow", latent_dim=c["latent_dim"], action_dim=c["action_dim"], units=tuple(c["flow_actor_units"]),
+                             integrator=c["flow_actor_integrator"], substeps=c["flow_actor_substeps"])
+    critic = CriticConfig(latent_dim=c["latent_dim"], units=tuple(c["critic_units"]), num_critics=c["num_critics"])
+    return mlp, flow, gauss, flow_actor, critic
