@@ -303,12 +303,19 @@ class BackgroundEvaluator:
             self._last = value
             out.append((value.tag, value))
 
-    def result(self, timeout: float | None = None) -> tuple[Any, EvalResult] | None:
-        """Wait for the in-flight evaluation; return the latest finished (tag, result) (None if none ever)."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the in-flight evaluation (if any) has finished; its result is then in poll()."""
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise TimeoutError("background evaluation still running")
+
+    def result(self, timeout: float | None = None) -> tuple[Any, EvalResult] | None:
+        """wait(), then the latest finished (tag, result) (None if none ever finished).
+
+        Drains the finished queue like poll(); use wait() + poll() to see every result.
+        """
+        self.wait(timeout)
         done = self.poll()
         if done:
             return done[-1]
