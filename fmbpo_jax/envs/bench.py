@@ -4,7 +4,8 @@
     python -m fmbpo_jax.envs bench --workers 0 1 2 --episodes 2 --steps 100
     python -m fmbpo_jax.envs bench --raw                 # single-env agent steps/s per task, one process
 
-An "env step" is one agent step = 2 dm_control control steps (action repeat 2).
+An "env step" is one agent step = 2 dm_control control steps (action repeat 2). steps/cpu-s divides by the
+CPU seconds the env workers actually got (robust to other load on the machine); steps/s by wall time.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def bench_evaluator(tasks, episodes: int, steps: int, workers: int, seed: int = 
     ev = Evaluator(linear_policy, tasks, episodes=episodes, num_workers=workers, max_steps=steps)
     startup = time.perf_counter() - t0
     try:
-        ev.run(params, seed=seed)  # warm-up: jit compile, page in (also what a first eval costs)
+        ev.warmup(params)  # jit compile outside the timed run
         runs = [ev.run(params, seed=seed) for _ in range(repeats)]
     finally:
         ev.close()
@@ -53,6 +54,7 @@ def bench_evaluator(tasks, episodes: int, steps: int, workers: int, seed: int = 
             "envs": len(best.task_names) * episodes, "env_steps": env_steps, "startup_s": round(startup, 2),
             "wall_s": round(wall, 2), "policy_s": round(best.policy_time_s, 2),
             "env_steps_per_s": round(env_steps / wall), "env_steps_per_s_per_worker": round(env_steps / wall / cores),
+            "env_cpu_s": round(best.env_cpu_s, 2), "env_steps_per_cpu_s": round(env_steps / best.env_cpu_s),
             "mean_return": round(best.mean_return, 3)}
 
 
@@ -102,10 +104,11 @@ def main(argv=None) -> int:
         return 0
     if not args.json:
         print(f"{len(tasks)} tasks x {args.episodes} episodes x {args.steps} agent steps, random linear policy")
-        print(f"{'workers':>7s} {'startup_s':>9s} {'wall_s':>7s} {'policy_s':>8s} {'steps/s':>9s} {'per worker':>10s}")
+        print(f"{'workers':>7s} {'startup_s':>9s} {'wall_s':>7s} {'policy_s':>8s} {'steps/s':>9s} {'per worker':>10s} "
+              f"{'env_cpu_s':>9s} {'steps/cpu-s':>11s}")
     for w in args.workers:
         r = bench_evaluator(tasks, args.episodes, args.steps, w, args.seed, args.repeats)
         print(json.dumps(r) if args.json else
               f"{w:7d} {r['startup_s']:9.2f} {r['wall_s']:7.2f} {r['policy_s']:8.2f} {r['env_steps_per_s']:9d} "
-              f"{r['env_steps_per_s_per_worker']:10d}", flush=True)
+              f"{r['env_steps_per_s_per_worker']:10d} {r['env_cpu_s']:9.2f} {r['env_steps_per_cpu_s']:11d}", flush=True)
     return 0

@@ -23,6 +23,7 @@ The evaluation is deterministic given (params, seed) when the policy is determin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import queue
 import threading
@@ -32,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fmbpo_jax.envs.pool import EnvPool, default_num_workers
-from fmbpo_jax.envs.tasks import EPISODE_LENGTH, MAX_ACTION_DIM, MT30_TASKS, task_id
+from fmbpo_jax.envs.tasks import EPISODE_LENGTH, MAX_ACTION_DIM, MAX_OBS_DIM, MT30_TASKS, task_id
 
 SEED_STRIDE = 1000
 SEED_RULES = ("distinct", "reference")
@@ -81,6 +82,7 @@ class EvalResult:
     max_steps: int
     wall_time_s: float
     policy_time_s: float
+    env_cpu_s: float = float("nan")  # CPU seconds of all env workers during the run (num_workers=0: incl. policy)
     tag: Any = None
 
     @property
@@ -179,11 +181,23 @@ class Evaluator:
         T = len(self.task_ids)
         return np.tile(s, T), np.tile(k, T)
 
-    def run(self, params, seed: int = 0, tag: Any = None) -> EvalResult:
+    def _task_ids(self):
         import jax.numpy as jnp
 
         if self._task_ids_dev is None:
             self._task_ids_dev = jnp.asarray(self.slot_tasks, dtype=jnp.int32)
+        return self._task_ids_dev
+
+    def warmup(self, params) -> None:
+        """Compile the policy for this batch shape (the first run() would otherwise pay for it)."""
+        import jax
+
+        obs = np.zeros((self.num_envs, MAX_OBS_DIM), np.float32)
+        jax.block_until_ready(self._policy(params, obs, self._task_ids()))
+
+    def run(self, params, seed: int = 0, tag: Any = None) -> EvalResult:
+        self._task_ids()
+        cpu0 = self.pool.cpu_times()
         t0 = time.perf_counter()
         env_seeds, skips = self.seeds(seed)
         obs = self.pool.reset(env_seeds, skips)
@@ -202,12 +216,14 @@ class Evaluator:
             returns += rew
             if t == self.max_steps - 1 and not done.all():
                 raise AssertionError("envs not done after max_steps")
+        wall = time.perf_counter() - t0
+        env_cpu = float(np.sum(np.subtract(self.pool.cpu_times(), cpu0)))
         T, E = len(self.task_ids), self.episodes
         return EvalResult(
             task_names=list(self.task_names), task_ids=np.array(self.task_ids), returns=returns.reshape(T, E),
             successes=success.reshape(T, E), env_seeds=env_seeds.reshape(T, E), seed=int(seed),
-            seed_rule=self.seed_rule, max_steps=self.max_steps, wall_time_s=time.perf_counter() - t0,
-            policy_time_s=policy_time, tag=tag)
+            seed_rule=self.seed_rule, max_steps=self.max_steps, wall_time_s=wall,
+            policy_time_s=policy_time, env_cpu_s=env_cpu, tag=tag)
 
     def close(self) -> None:
         self.pool.close()
@@ -236,7 +252,9 @@ def snapshot(params):
     def _copy(x):
         if isinstance(x, jax.Array):
             return jnp.array(x, copy=True)
-        return np.array(x, copy=True)
+        if isinstance(x, np.ndarray):
+            return np.array(x, copy=True)
+        return copy.deepcopy(x)
 
     return jax.tree.map(_copy, params)
 

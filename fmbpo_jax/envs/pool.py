@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 import traceback
 from typing import Sequence
 
@@ -123,6 +124,8 @@ def _worker_main(conn, task_ids, max_steps):
                 out = group.reset(*payload)
             elif cmd == "step":
                 out = group.step(payload)
+            elif cmd == "cpu_time":
+                out = time.process_time()
             else:
                 raise ValueError(f"unknown command {cmd!r}")
             conn.send(("ok", out))
@@ -255,6 +258,12 @@ class EnvPool:
         for g, (o, r, d, s) in zip(self._groups, outs):
             obs[g], rew[g], done[g], succ[g] = o, r, d, s
         return obs, rew, done, succ
+
+    def cpu_times(self) -> list[float]:
+        """CPU seconds used so far by each worker process (num_workers=0: this process)."""
+        if self._local is not None:
+            return [time.process_time()]
+        return list(self._call("cpu_time", [None] * len(self._conns)))
 
     def close(self) -> None:
         if self._closed:
