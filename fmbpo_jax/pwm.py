@@ -1,0 +1,437 @@
+"""The PWM training core for ONE task: losses, optimizers, LR schedule and one jitted epoch.
+
+`update(cfg, state, batch, key, frozen_wm)` is pure and written once; the trainer vmaps it over tasks
+(and seeds). Reference order per epoch (spec 4.4): WM step(s) if fine-tuning -> actor step through an
+H-step `lax.scan` latent rollout -> critic targets -> critic_iterations x critic_batches critic steps.
+
+Shapes: H = horizon, B = batch, O = obs_dim, A = action_dim, L = latent_dim. Time-major batches:
+obs [H+1, B, O], action [H, B, A], reward [H, B]. `task` is a scalar int32 (one task per update).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fmbpo_jax import actors, critic, mathops, nets
+from fmbpo_jax import world_model as wm
+from fmbpo_jax.actors import ActorConfig
+from fmbpo_jax.critic import CriticConfig
+from fmbpo_jax.world_model import WMConfig
+
+Params = dict[str, Any]
+FINAL_LR = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class PWMConfig:
+    """Static algorithm configuration (hashable). Behaviour fields: see fmbpo_jax.presets."""
+
+    wm: WMConfig = WMConfig()
+    actor: ActorConfig = ActorConfig()
+    critic: CriticConfig = CriticConfig()
+    horizon: int = 16
+    gamma: float = 0.99
+    lam: float = 0.95
+    actor_lr: float = 5e-4
+    critic_lr: float = 5e-4
+    model_lr: float = 3e-4
+    max_epochs: int = 10_000
+    lr_schedule: str = "linear"  # 'linear' to 1e-5 over max_epochs (reference) | 'constant'
+    actor_grad_clip: float = 1.0
+    critic_grad_clip: float = 100.0
+    wm_grad_clip: float = 20.0
+    critic_iterations: int = 8
+    critic_batches: int = 4
+    wm_iterations: int = 8
+    ret_rms: bool = True
+    finetune_wm: bool = False
+    tau_sampling: str = "uniform"  # 'uniform' | 'midpoint'
+    teacher_forcing: bool = False  # flow/MLP WM loss source point: model rollout (reference) or data latent
+    action_dims: tuple[int, ...] = ()  # per task, for the action masks; () = no masking possible
+    # behaviours (fixed-preset values as defaults; presets.preset_values('reference') gives the original)
+    reward_loss: str = "two_hot_ce"
+    reward_symexp: bool = True
+    action_masks: bool = True
+    train_task_emb: bool = True
+    critic_target: str = "td_lambda"
+    terminal_discount: str = "gamma_h"
+    wm_updates: str = "iterations"
+    critic_minibatches: str = "shuffled"
+
+    def __post_init__(self):
+        checks = {
+            "reward_loss": ("mse_bins", "two_hot_ce"), "critic_target": ("one_step", "td_lambda"),
+            "terminal_discount": ("gamma_h_plus_1", "gamma_h"), "wm_updates": ("policy_batch", "iterations"),
+            "critic_minibatches": ("contiguous", "shuffled"), "tau_sampling": ("uniform", "midpoint"),
+            "lr_schedule": ("linear", "constant"),
+        }
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"PWMConfig.{name}={getattr(self, name)!r}; allowed: {allowed}")
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
+        if self.wm.latent_dim != self.actor.latent_dim or self.wm.latent_dim != self.critic.latent_dim:
+            raise ValueError("latent_dim differs between the world model, actor and critic configs")
+        if self.wm.action_dim != self.actor.action_dim:
+            raise ValueError(f"action_dim differs: world model {self.wm.action_dim}, actor {self.actor.action_dim}")
+
+
+def _adam(b1: float, b2: float) -> optax.GradientTransformation:
+    return optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8)
+
+
+ACTOR_ADAM = (0.7, 0.95)
+CRITIC_ADAM = (0.7, 0.95)
+WM_ADAM = (0.9, 0.999)
+
+
+def learning_rate(lr0: float, epoch: jax.Array, max_epochs: int, schedule: str = "linear") -> jax.Array:
+    """Reference `update_lrs`: lr_i = lr0 + (1e-5 - lr0) * i / max_epochs at the start of epoch i."""
+    if schedule == "constant":
+        return jnp.asarray(lr0, jnp.float32)
+    frac = jnp.asarray(epoch, jnp.float32) / max(max_epochs, 1)
+    return lr0 + (FINAL_LR - lr0) * frac
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def clip_by_norm(grads, max_norm: float) -> tuple[Any, jax.Array]:
+    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)); returns (grads, pre-clip norm)."""
+    norm = global_norm(grads)
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree_util.tree_map(lambda g: g * scale, grads), norm
+
+
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def adam_step(params, opt_state, grads, lr, b1b2, clip: float):
+    """Clip (pre-clip norm returned), Adam, p -= lr * update. Returns (params, opt_state, grad_norm)."""
+    grads, norm = clip_by_norm(grads, clip)
+    updates, opt_state = _adam(*b1b2).update(grads, opt_state, params)
+    params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
+    return params, opt_state, norm
+
+
+def _keep_if(ok: jax.Array, new, old):
+    """Select new (ok) or old (not ok) for every leaf: skips an update without a host round trip."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+# =============================================================================================== WM loss
+
+
+def wm_loss(cfg: WMConfig, params: Params, obs, action, reward, task, key=None, *, gamma: float = 0.99,
+            reward_loss: str = "mse_bins", tau_sampling: str = "uniform", taus=None, teacher_forcing: bool = False):
+    """World-model loss (spec 2.2): autoregressive latent rollout with stop-gradient encoder targets.
+
+    obs [H+1, B, O], action [H, B, A], reward [H, B, 1] or [H, B], task: scalar or [B] ids.
+    Flow: tau ~ U[0,1] per (step, sample) from `key`, 0.5 ('midpoint'), or given `taus` [H, B, 1].
+    Returns (total, {'dynamics_loss', 'reward_loss'}) with total = (dyn + rew) / H and the parts / H.
+    """
+    horizon = action.shape[0]
+    if obs.shape[0] != horizon + 1:
+        raise ValueError(f"obs has {obs.shape[0]} steps, expected horizon+1={horizon + 1} (action has {horizon})")
+    reward = reward if reward.ndim == 3 else reward[..., None]
+    targets = jax.lax.stop_gradient(wm.encode(cfg, params, obs[1:], task))  # [H, B, L]
+    z0 = wm.encode(cfg, params, obs[0], task)
+    discounts = gamma ** jnp.arange(horizon, dtype=jnp.float32)
+    if cfg.kind == "flow":
+        if taus is None:
+            if tau_sampling == "midpoint":
+                taus = jnp.full(action.shape[:2] + (1,), 0.5, jnp.float32)
+            else:
+                if key is None:
+                    raise ValueError("wm_loss: uniform tau sampling needs a PRNG key (or pass taus)")
+                taus = jax.random.uniform(key, action.shape[:2] + (1,), jnp.float32)
+    else:
+        taus = jnp.zeros(action.shape[:2] + (1,), jnp.float32)
+
+    if teacher_forcing:
+        # source points are the data latents: z0 (with grad) then the stop-gradient encoder targets
+        sources = jnp.concatenate([z0[None], targets[:-1]], axis=0)
+        if cfg.kind == "flow":
+            dyn_t = jax.vmap(lambda z, tg, a, tau, d: wm.flow_matching_loss(cfg, params, z, tg, a, tau, task, d))(
+                sources, targets, action, taus, discounts)
+        else:
+            pred = wm.next_latent(cfg, params, sources, action, task)
+            dyn_t = jnp.mean(jnp.square(pred - targets), axis=(1, 2)) * discounts
+        zs = sources
+    else:
+        def body(z, xs):
+            a, target, tau, disc = xs
+            if cfg.kind == "flow":
+                loss_t = wm.flow_matching_loss(cfg, params, z, target, a, tau, task, disc)
+                z_next = wm.next_latent(cfg, params, z, a, task)
+            else:
+                z_next = wm.next_latent(cfg, params, z, a, task)
+                loss_t = jnp.mean(jnp.square(z_next - target)) * disc
+            return z_next, (loss_t, z)
+
+        _, (dyn_t, zs) = jax.lax.scan(body, z0, (action, targets, taus, discounts))
+    dyn = jnp.sum(dyn_t)
+    logits = wm.reward_logits(cfg, params, zs, action, task)  # [H, B, bins], from the CURRENT z and a
+    if reward_loss == "mse_bins":
+        # B1: every logit regressed to the raw scalar reward; mean over H x B x bins
+        rew = jnp.mean(jnp.square(logits - reward) * discounts[:, None, None])
+    elif reward_loss == "two_hot_ce":
+        ce = mathops.soft_ce(logits, reward, cfg.num_bins, cfg.vmin, cfg.vmax)[..., 0]  # [H, B]
+        rew = jnp.sum(jnp.mean(ce, axis=1) * discounts)
+    else:
+        raise ValueError(f"unknown reward_loss {reward_loss!r}")
+    return (dyn + rew) / horizon, {"dynamics_loss": dyn / horizon, "reward_loss": rew / horizon}
+
+
+# ============================================================================================ TD targets
+
+
+def td_targets(rewards, next_values, done_mask, gamma: float, lam: float, method: str = "td-lambda"):
+    """Critic targets [H, B] from rewards r_t, V_{t+1} and done masks [H, B] (PWM.compute_target_values).
+
+    'one-step': r + gamma V. 'td-lambda': the backward recursion of the reference; with done_mask = 1
+    everywhere it collapses exactly to one-step (B6).
+    """
+    if method == "one-step":
+        return rewards + gamma * next_values
+
+    def body(carry, xs):
+        a_i, b_i, lam_i = carry
+        r, v, d = xs
+        lam_i = lam_i * lam * (1.0 - d) + d
+        a_i = (1.0 - d) * (lam * gamma * a_i + gamma * v + (1.0 - lam_i) / (1.0 - lam) * r)
+        b_i = gamma * (v * d + b_i * (1.0 - d)) + r
+        return (a_i, b_i, lam_i), (1.0 - lam) * a_i + lam_i * b_i
+
+    zeros = jnp.zeros_like(rewards[0])
+    _, out = jax.lax.scan(body, (zeros, zeros, jnp.ones_like(zeros)), (rewards, next_values, done_mask), reverse=True)
+    return out
+
+
+# ============================================================================================ actor loss
+
+
+def actor_loss(cfg: PWMConfig, actor_params: Params, wm_params: Params, critic_params: Params, rms: mathops.RunningMeanStd,
+               obs0, task, key):
+    """First-order actor loss through an H-step latent rollout (spec 4.2).
+
+    obs0 [B, O]. Returns (loss, aux) with aux = states [H, B, L], rewards [H, B], next_values [H, B]
+    (all stop-gradient, for the critic), the updated ret_rms and the mean imagined return.
+    """
+    H = cfg.horizon
+    z0 = jax.lax.stop_gradient(wm.encode(cfg.wm, wm_params, obs0, task))
+    mask = None
+    if cfg.action_masks and cfg.action_dims:
+        mask = nets.action_mask_table(cfg.action_dims, cfg.wm.action_dim)[task]  # [A]
+
+    def body(carry, key_t):
+        z, disc, ret = carry
+        a = jnp.tanh(actors.action(cfg.actor, actor_params, jax.lax.stop_gradient(z), key_t))  # detach: True
+        if mask is not None:
+            a = a * mask
+        z_next, logits = wm.step(cfg.wm, wm_params, z, a, task)
+        r = wm.reward_value(cfg.wm, logits, cfg.reward_symexp)[..., 0]
+        r = jnp.where(jnp.isnan(r), 0.0, r)
+        # values for the critic targets only: no gradient through these H critic evaluations
+        v_next = critic.min_value(cfg.critic, critic_params, jax.lax.stop_gradient(z_next))
+        out = (jax.lax.stop_gradient(z), jax.lax.stop_gradient(r), v_next)
+        return (z_next, disc * cfg.gamma, ret + disc * r), out
+
+    init = (z0, jnp.ones((), jnp.float32), jnp.zeros(obs0.shape[:-1], jnp.float32))
+    (z_h, disc, ret), (states, rewards, next_values) = jax.lax.scan(body, init, jax.random.split(key, H))
+    v_h = critic.min_value(cfg.critic, critic_params, z_h)  # terminal value, gradient to the actor through z_H
+    terminal = cfg.gamma * disc if cfg.terminal_discount == "gamma_h_plus_1" else disc  # B7
+    loss_b = -ret - terminal * v_h
+    if cfg.ret_rms:
+        rms = mathops.rms_update(rms, jax.lax.stop_gradient(loss_b)[:, None])
+        loss_b = loss_b / jnp.sqrt(rms.var[0] + 1e-5)
+    else:
+        loss_b = loss_b / H
+    aux = {"states": states, "rewards": rewards, "next_values": next_values, "rms": rms,
+           "imagined_return": jnp.mean(ret)}
+    return jnp.mean(loss_b), aux
+
+
+# ========================================================================================== critic steps
+
+
+def critic_loss(cfg: CriticConfig, params: Params, z, y, w):
+    """Weighted MSE over members and rows: z [N, L], targets y [N], row weights w [N] (0 for NaN rows)."""
+    v = critic.values(cfg, params, z)[..., 0]  # [K, N]
+    return jnp.sum(jnp.mean(jnp.square(v - y), axis=0) * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def critic_minibatch_indices(cfg: PWMConfig, rows: int, key) -> jax.Array:
+    """[iterations * batches, rows // batches] row indices: contiguous slices (reference) or a fresh shuffle per pass."""
+    size = rows // cfg.critic_batches
+    if cfg.critic_minibatches == "contiguous":
+        one = jnp.arange(cfg.critic_batches * size).reshape(cfg.critic_batches, size)
+        return jnp.tile(one, (cfg.critic_iterations, 1))
+    perms = jax.vmap(lambda k: jax.random.permutation(k, rows)[: cfg.critic_batches * size])(
+        jax.random.split(key, cfg.critic_iterations))
+    return perms.reshape(cfg.critic_iterations * cfg.critic_batches, size)
+
+
+def critic_update(cfg: PWMConfig, params: Params, opt_state, states, targets, lr, key):
+    """critic_iterations x critic_batches Adam steps on (states [H, B, L], targets [H, B]) flattened time-major.
+
+    NaN rows get weight 0 (the reference filters them); NaN gradients are zeroed (reference) and counted.
+    Returns (params, opt_state, metrics).
+    """
+    z = states.reshape(-1, states.shape[-1])
+    y = targets.reshape(-1)
+    valid = jnp.isfinite(y) & jnp.all(jnp.isfinite(z), axis=-1)
+    z = jnp.where(valid[:, None], z, 0.0)
+    y = jnp.where(valid, y, 0.0)
+    w = valid.astype(jnp.float32)
+    idx = critic_minibatch_indices(cfg, y.shape[0], key)
+
+    def step(carry, rows):
+        p, o, nan_count = carry
+        loss, grads = jax.value_and_grad(critic_loss, argnums=1)(cfg.critic, p, z[rows], y[rows], w[rows])
+        bad = ~all_finite(grads)
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grads)
+        p, o, norm = adam_step(p, o, grads, lr, CRITIC_ADAM, cfg.critic_grad_clip)
+        return (p, o, nan_count + bad.astype(jnp.int32)), (loss, norm)
+
+    (params, opt_state, nan_count), (losses, norms) = jax.lax.scan(step, (params, opt_state, jnp.zeros((), jnp.int32)), idx)
+    return params, opt_state, {"value_loss": jnp.mean(losses), "critic_grad_norm": norms[-1], "critic_nan_grads": nan_count}
+
+
+# ============================================================================================ state, update
+
+
+def init_state(cfg: PWMConfig, key, wm_params: Params | None = None) -> dict:
+    """Per-task training state: actor/critic params and Adam states, ret_rms, epoch; WM too when fine-tuning.
+
+    wm_params: the starting WM when fine-tuning (pretrained or fresh); ignored when the WM is frozen
+    (then it is passed to `update` separately and shared across tasks).
+    """
+    k_actor, k_critic, k_wm = jax.random.split(key, 3)
+    a = actors.init(cfg.actor, k_actor)
+    c = critic.init(cfg.critic, k_critic)
+    state = {
+        "actor": a, "critic": c,
+        "actor_opt": _adam(*ACTOR_ADAM).init(a), "critic_opt": _adam(*CRITIC_ADAM).init(c),
+        "ret_rms": mathops.rms_init((1,)),
+        "epoch": jnp.zeros((), jnp.int32),
+        "nan_skips": jnp.zeros((), jnp.int32),
+    }
+    if cfg.finetune_wm:
+        w = wm.init(cfg.wm, k_wm) if wm_params is None else wm_params
+        state["wm"] = w
+        state["wm_opt"] = _adam(*WM_ADAM).init(w)
+    return state
+
+
+def wm_update(cfg: PWMConfig, params: Params, opt_state, obs, action, reward, task, key, lr):
+    """One WM Adam step (clip 20 over all WM params; the task embedding is not stepped unless train_task_emb)."""
+    def loss_fn(p):
+        total, parts = wm_loss(cfg.wm, p, obs, action, reward, task, key, gamma=cfg.gamma, reward_loss=cfg.reward_loss,
+                               tau_sampling=cfg.tau_sampling, teacher_forcing=cfg.teacher_forcing)
+        return total, parts
+
+    (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    ok = all_finite(grads) & jnp.isfinite(total)
+    new_params, new_opt, norm = adam_step(params, opt_state, grads, lr, WM_ADAM, cfg.wm_grad_clip)
+    if not cfg.train_task_emb and "_task_emb" in params:
+        new_params = dict(new_params, _task_emb=params["_task_emb"])  # B5: never stepped in the reference
+    params, opt_state = _keep_if(ok, (new_params, new_opt), (params, opt_state))
+    return params, opt_state, {"wm_loss": total, **parts, "wm_grad_norm": norm, "wm_nan_skips": (~ok).astype(jnp.int32)}
+
+
+def update(cfg: PWMConfig, state: dict, batch: dict, key, frozen_wm: Params | None = None):
+    """One epoch for one task: WM step(s) if fine-tuning, actor step, critic steps. Pure and jittable.
+
+    batch: obs [H+1, B, O], action [H, B, A], reward [H, B], task int32 scalar; optionally 'wm' with
+    obs [I, H+1, Bw, O], action [I, H, Bw, A], reward [I, H, Bw] for wm_updates='iterations'.
+    frozen_wm: the shared WM when not fine-tuning. Returns (state, metrics).
+    """
+    k_wm, k_actor, k_critic = jax.random.split(key, 3)
+    epoch = state["epoch"]
+    lr_a = learning_rate(cfg.actor_lr, epoch, cfg.max_epochs, cfg.lr_schedule)
+    lr_c = learning_rate(cfg.critic_lr, epoch, cfg.max_epochs, cfg.lr_schedule)
+    lr_w = learning_rate(cfg.model_lr, epoch, cfg.max_epochs, cfg.lr_schedule)
+    task = batch["task"]
+    metrics = {}
+    state = dict(state)
+
+    if cfg.finetune_wm:
+        if cfg.wm_updates == "iterations" and "wm" in batch:
+            wb = batch["wm"]
+
+            def wm_body(carry, xs):
+                p, o = carry
+                obs, act, rew, k = xs
+                p, o, m = wm_update(cfg, p, o, obs, act, rew, task, k, lr_w)
+                return (p, o), m
+
+            n = wb["obs"].shape[0]
+            (wp, wo), ms = jax.lax.scan(wm_body, (state["wm"], state["wm_opt"]),
+                                        (wb["obs"], wb["action"], wb["reward"], jax.random.split(k_wm, n)))
+            wm_metrics = {k: (jnp.sum(v) if k == "wm_nan_skips" else v[-1] if k == "wm_grad_norm" else jnp.mean(v)) for k, v in ms.items()}
+        else:  # B9: one step on the policy batch
+            wp, wo, wm_metrics = wm_update(cfg, state["wm"], state["wm_opt"], batch["obs"], batch["action"], batch["reward"],
+                                           task, k_wm, lr_w)
+        state["wm"], state["wm_opt"] = wp, wo
+        metrics.update(wm_metrics, lr_wm=lr_w)
+        wm_params = wp
+    else:
+        if frozen_wm is None:
+            raise ValueError("update: the WM is frozen (finetune_wm=False) but no frozen_wm params were given")
+        wm_params = frozen_wm
+
+    # ---- actor step with the just-updated WM
+    k_act, k_perm = jax.random.split(k_actor)
+    def actor_objective(p):
+        return actor_loss(cfg, p, wm_params, state["critic"], state["ret_rms"], batch["obs"][0], task, k_act)
+
+    (loss, aux), grads = jax.value_and_grad(actor_objective, has_aux=True)(state["actor"])
+    ok = all_finite(grads) & jnp.isfinite(loss)
+    new_actor, new_opt, a_norm = adam_step(state["actor"], state["actor_opt"], grads, lr_a, ACTOR_ADAM, cfg.actor_grad_clip)
+    new_actor = actors.project_logstd(cfg.actor, new_actor)  # the reference's in-place clamp, done purely
+    state["actor"], state["actor_opt"], state["ret_rms"] = _keep_if(
+        ok, (new_actor, new_opt, aux["rms"]), (state["actor"], state["actor_opt"], state["ret_rms"]))
+    state["nan_skips"] = state["nan_skips"] + (~ok).astype(jnp.int32)
+
+    # ---- critic targets from the stored rollout, then the critic steps
+    H = cfg.horizon
+    if cfg.critic_target == "one_step":
+        done = jnp.ones_like(aux["rewards"])  # B6: dones = 1 everywhere
+    else:
+        done = jnp.zeros_like(aux["rewards"]).at[H - 1].set(1.0)
+    targets = td_targets(aux["rewards"], aux["next_values"], done, cfg.gamma, cfg.lam, "td-lambda")
+    c_params, c_opt, c_metrics = critic_update(cfg, state["critic"], state["critic_opt"], aux["states"], targets, lr_c, k_perm)
+    state["critic"], state["critic_opt"] = c_params, c_opt
+    state["epoch"] = epoch + 1
+
+    metrics.update(
+        actor_loss=loss, actor_grad_norm=a_norm, actor_stddev=actors.stddev(cfg.actor, state["actor"]),
+        imagined_return=aux["imagined_return"], actor_nan_skip=(~ok).astype(jnp.int32),
+        lr_actor=lr_a, lr_critic=lr_c, **c_metrics,
+    )
+    return state, metrics
+
+
+# ========================================================================================= WM pretraining
+
+
+def wm_pretrain_init(cfg: PWMConfig, key, wm_params: Params | None = None) -> dict:
+    w = wm.init(cfg.wm, key) if wm_params is None else wm_params
+    return {"wm": w, "wm_opt": _adam(*WM_ADAM).init(w), "step": jnp.zeros((), jnp.int32)}
+
+
+def wm_pretrain_step(cfg: PWMConfig, state: dict, batch: dict, key):
+    """Phase 8: one WM step on a multitask batch (task ids per sequence, batch['task'] [B]) at a constant lr.
+
+    The reference never decays this lr (update_lrs is not called in pretraining).
+    """
+    p, o, m = wm_update(cfg, state["wm"], state["wm_opt"], batch["obs"], batch["action"], batch["reward"], batch["task"],
+                        key, jnp.asarray(cfg.model_lr, jnp.float32))
+    return {"wm": p, "wm_opt": o, "step": state["step"] + 1}, m
