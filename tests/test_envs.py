@@ -73,10 +73,13 @@ def test_task_table_matches_spec(golden):
 # golden trajectories (recorded with the original TD-MPC2 env code): bit-exact
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("lean", [False, True], ids=["full", "lean"])
 @pytest.mark.parametrize("name", MT30_TASKS)
-def test_golden_trajectory(name, golden):
+def test_golden_trajectory(name, lean, golden):
     seed = int(golden["seed"])
-    env = make_env(name, seed)
+    env = make_env(name, seed, lean=lean)
+    # lean: 8x8 shared skybox, same physics (fish.xml declares its own skybox and stays as it is)
+    assert (env.physics.model.ptr.ntexdata < 1_000_000) == (lean and name != "fish-swim")
     assert (env.task_id, env.obs_dim, env.action_dim) == (task_id(name), OBS_DIMS[name], ACTION_DIMS[name])
     spec = env.dmc_env.action_spec()
     assert spec.shape == (ACTION_DIMS[name],) and np.all(spec.minimum == -1) and np.all(spec.maximum == 1)

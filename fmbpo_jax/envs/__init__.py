@@ -33,14 +33,15 @@ from fmbpo_jax.envs.tasks import (  # noqa: E402
 )
 
 
-def make_env(task, seed, max_episode_steps=EPISODE_LENGTH):
+def make_env(task, seed, max_episode_steps=EPISODE_LENGTH, lean=False):
     """Build one MT30 task (name or id), seeded like TD-MPC2: ``task_kwargs={'random': seed}``.
 
+    ``lean=True``: same physics, 8x8 skybox texture (~12 MB less per env; for state-only use).
     See :class:`fmbpo_jax.envs.env.MT30Env`.
     """
     from fmbpo_jax.envs.env import make_env as _make_env
 
-    return _make_env(task, seed, max_episode_steps=max_episode_steps)
+    return _make_env(task, seed, max_episode_steps=max_episode_steps, lean=lean)
 
 
 def action_mask(task) -> "list[float]":

@@ -11,7 +11,10 @@ No gym dependency; `reset()` / `step()` return NumPy.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import threading
 
 os.environ.setdefault("MUJOCO_GL", "disable")  # before dm_control is imported
 
@@ -40,18 +43,47 @@ def _check_seed(seed) -> int:
     return seed
 
 
-def load_dmc(task: str | int, seed: int):
-    """The raw dm_control `Environment` of an MT30 task, seeded exactly like TD-MPC2 does."""
+_LEAN_LOCK = threading.Lock()
+_SKYBOX_KEY = "./common/skybox.xml"
+
+
+@contextlib.contextmanager
+def _lean_assets():
+    """Build models with an 8x8 instead of an 800x800 skybox texture (11.8 MB less per env).
+
+    Every suite model includes `./common/skybox.xml` from `dm_control.suite.common.ASSETS`; the texture
+    is only used for rendering and changes nothing in the physics (tests check bit-equality). fish.xml
+    declares its own skybox and is not affected. The shared
+    ASSETS entry is swapped only for the duration of the build, under a lock.
+    """
+    from dm_control.suite import common
+
+    with _LEAN_LOCK:
+        original = common.ASSETS[_SKYBOX_KEY]
+        lean = re.sub(rb'width="\d+"', b'width="8"', re.sub(rb'height="\d+"', b'height="8"', original))
+        common.ASSETS[_SKYBOX_KEY] = lean
+        try:
+            yield
+        finally:
+            common.ASSETS[_SKYBOX_KEY] = original
+
+
+def load_dmc(task: str | int, seed: int, lean: bool = False):
+    """The raw dm_control `Environment` of an MT30 task, seeded exactly like TD-MPC2 does.
+
+    lean=True: tiny skybox texture (for state-only use: ~0.3 MB instead of ~12 MB per env; renders differ).
+    """
     from dm_control import suite
 
     from fmbpo_jax.envs.custom import CUSTOM_FACTORIES
 
     name = MT30_TASKS[_task_id(task)]
     seed = _check_seed(seed)
-    if name in CUSTOM_TASKS:
-        return CUSTOM_FACTORIES[name](random=seed)
-    domain, sub = dmc_names(name)
-    return suite.load(domain, sub, task_kwargs={"random": seed}, visualize_reward=False)
+    with _lean_assets() if lean else contextlib.nullcontext():
+        if name in CUSTOM_TASKS:
+            return CUSTOM_FACTORIES[name](random=seed)
+        domain, sub = dmc_names(name)
+        return suite.load(domain, sub, task_kwargs={"random": seed}, visualize_reward=False)
 
 
 class MT30Env:
@@ -60,9 +92,10 @@ class MT30Env:
     reset() -> obs float32[24];  step(action[6] or action[A]) -> (obs float32[24], reward, done, info).
     Episodes are `max_episode_steps` (default 500) agent steps; stepping a finished episode raises
     RuntimeError (dm_control would otherwise silently auto-reset after its LAST step).
+    lean=True builds the model with a tiny skybox texture (same physics, ~12 MB less memory per env).
     """
 
-    def __init__(self, task: str | int, seed: int, max_episode_steps: int = EPISODE_LENGTH):
+    def __init__(self, task: str | int, seed: int, max_episode_steps: int = EPISODE_LENGTH, lean: bool = False):
         self.task_id = _task_id(task)
         self.task_name = MT30_TASKS[self.task_id]
         self.obs_dim = OBS_DIMS_BY_ID[self.task_id]
@@ -72,7 +105,7 @@ class MT30Env:
                              f"limit is {EPISODE_LENGTH} agent steps), got {max_episode_steps}")
         self.max_episode_steps = int(max_episode_steps)
         self.seed_value = _check_seed(seed)
-        self._env = load_dmc(self.task_id, self.seed_value)
+        self._env = load_dmc(self.task_id, self.seed_value, lean=lean)
         spec = self._env.action_spec()
         if spec.shape != (self.action_dim,):
             raise AssertionError(f"{self.task_name}: action spec {spec.shape} != ({self.action_dim},)")
@@ -165,6 +198,6 @@ class MT30Env:
                 f"action_dim={self.action_dim}, seed={self.seed_value})")
 
 
-def make_env(task: str | int, seed: int, max_episode_steps: int = EPISODE_LENGTH) -> MT30Env:
+def make_env(task: str | int, seed: int, max_episode_steps: int = EPISODE_LENGTH, lean: bool = False) -> MT30Env:
     """Build one MT30 task (name or id) seeded like TD-MPC2 (`task_kwargs={'random': seed}`)."""
-    return MT30Env(task, seed, max_episode_steps=max_episode_steps)
+    return MT30Env(task, seed, max_episode_steps=max_episode_steps, lean=lean)

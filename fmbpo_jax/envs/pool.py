@@ -2,7 +2,8 @@
 
 Each worker owns a fixed subset of env slots (balanced by a per-task cost estimate) and steps them
 sequentially; the parent scatters actions and gathers observations once per agent step. Envs are built
-once per slot (the first env of a task in a worker from XML, the others as deep copies: ~8x faster) and
+once per slot (the first env of a task in a worker from XML, the others as deep copies: ~8x faster; with a
+tiny skybox texture, `lean=True`: ~0.3 MB instead of ~12 MB per env) and
 re-seeded for every evaluation with `MT30Env.seed`, which is equivalent to a fresh `make_env(task, seed)`.
 """
 
@@ -59,7 +60,7 @@ class EnvGroup:
         templates: dict[int, MT30Env] = {}
         for t in self.task_ids.tolist():
             if t not in templates:
-                templates[t] = MT30Env(t, 0, max_episode_steps=self.max_steps)
+                templates[t] = MT30Env(t, 0, max_episode_steps=self.max_steps, lean=True)
                 self.envs.append(templates[t])
             else:
                 self.envs.append(copy.deepcopy(templates[t]))
