@@ -241,10 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "dataset":
-        return int(_dataset_module().run_dataset(args) or 0)
     try:
-        return int(args.func(args))
+        return int(args.func(args) or 0)
     except (ConvertError, SafeLoadError, StateDictError) as exc:
         kind = "refused (unsafe pickle; nothing was executed)" if type(exc).__name__ == "UnsafePickleError" else type(exc).__name__
         print(f"error: {kind}: {exc}", file=sys.stderr)

@@ -76,7 +76,7 @@ def build_manifest(conv: Converted, source: dict | None = None) -> dict:
 
 
 def _plain_tree(tree):
-    return jax.tree_util.tree_map(lambda x: np.ascontiguousarray(np.asarray(x)), tree)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, order="C"), tree)  # (ascontiguousarray makes 0-d 1-d)
 
 
 def write_converted(conv: Converted, dst: str | os.PathLike, source: dict | None = None, overwrite: bool = False) -> dict:

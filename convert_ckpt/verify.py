@@ -86,116 +86,143 @@ def compute(conv, golden: Mapping[str, np.ndarray], config: Mapping[str, Any] | 
         return True
 
     if conv.wm is not None:
-        cfg, wp = conv.wm_cfg, conv.wm
+        cfg = conv.wm_cfg
+        W = lambda P: P["world_model"]  # noqa: E731
+        task, act = g.get("task_ids"), g.get("act")
         if cfg.kind == "mlp":
-            z = lambda: g["enc_z"] if "enc_z" in g else wm.encode(cfg, wp, g["obs"], g["task_ids"])  # noqa: E731
-            add("enc_z", lambda: wm.encode(cfg, wp, g["obs"], g["task_ids"]), "obs", "task_ids")
-            add("enc_z_int_task", lambda: wm.encode(cfg, wp, g["obs_task1"], 1), "obs_task1")
-            add("mlp_next_z", lambda: wm.next_latent(cfg, wp, z(), g["act"], g["task_ids"]), "act", "task_ids", "obs")
-            logits = lambda: wm.reward_logits(cfg, wp, z(), g["act"], g["task_ids"])  # noqa: E731
+            z = (lambda P: g["enc_z"]) if "enc_z" in g else (lambda P: wm.encode(cfg, W(P), g["obs"], task))  # noqa: E731
+            add("enc_z", lambda P: wm.encode(cfg, W(P), g["obs"], task), "obs", "task_ids")
+            add("enc_z_int_task", lambda P: wm.encode(cfg, W(P), g["obs_task1"], 1), "obs_task1")
+            add("mlp_next_z", lambda P: wm.next_latent(cfg, W(P), z(P), act, task), "act", "task_ids", "obs")
+            logits = lambda P: wm.reward_logits(cfg, W(P), z(P), act, task)  # noqa: E731
             add("mlp_reward_logits", logits, "act", "task_ids", "obs")
-            add("mlp_reward_almost_two_hot_inv", lambda: wm.reward_value(cfg, logits(), False), "act", "task_ids", "obs")
-            add("mlp_reward_two_hot_inv", lambda: wm.reward_value(cfg, logits(), True), "act", "task_ids", "obs")
-            if cfg.task_dim > 0:
-                used = lambda: np.unique(np.concatenate([np.asarray(g["task_ids"]).reshape(-1)] + ([np.array([1])] if "obs_task1" in g else [])))  # noqa: E731
-                add("task_emb_weight_after_renorm", lambda: nets.renormed_table(wp["_task_emb"]["weight"], used()), "task_ids")
+            add("mlp_reward_almost_two_hot_inv", lambda P: wm.reward_value(cfg, logits(P), False), "act", "task_ids", "obs")
+            add("mlp_reward_two_hot_inv", lambda P: wm.reward_value(cfg, logits(P), True), "act", "task_ids", "obs")
+            if cfg.task_dim > 0 and "task_ids" in g:
+                used = np.unique(np.concatenate([np.asarray(task).reshape(-1)] + ([np.array([1])] if "obs_task1" in g else [])))
+                add("task_emb_weight_after_renorm", lambda P: nets.renormed_table(W(P)["_task_emb"]["weight"], used))
             names = ["wml_total_loss", "wml_dyn_loss", "wml_rew_loss"]
             if has("wml_obs", "wml_act", "wml_rew", "wml_task") and need_pwm(names, "wm_loss"):
-                def wml():
-                    total, aux = pwm.wm_loss(cfg, wp, g["wml_obs"], g["wml_act"], g["wml_rew"], g["wml_task"], None,
+                def wml(P, i):
+                    total, aux = pwm.wm_loss(cfg, W(P), g["wml_obs"], g["wml_act"], g["wml_rew"], g["wml_task"], None,
                                              gamma=c["gamma"], reward_loss=_reference_reward_loss())
-                    return {"wml_total_loss": total, "wml_dyn_loss": aux["dynamics_loss"], "wml_rew_loss": aux["reward_loss"]}
+                    return (total, aux["dynamics_loss"], aux["reward_loss"])[i]
 
-                for n in names:
-                    add(n, (lambda n=n: wml()[n]))
+                for i, n in enumerate(names):
+                    add(n, (lambda P, i=i: wml(P, i)))
         else:
             fcfg = dataclasses.replace(cfg, integrator=c["flow_integrator"], substeps=int(c["flow_substeps"]))
-            z = lambda: g["flow_enc_z"] if "flow_enc_z" in g else wm.encode(cfg, wp, g["obs"], g["task_ids"])  # noqa: E731
-            add("flow_enc_z", lambda: wm.encode(cfg, wp, g["obs"], g["task_ids"]), "obs", "task_ids")
-            add("flow_enc_z2", lambda: wm.encode(cfg, wp, g["obs2"], g["task_ids"]), "obs2", "task_ids")
-            add("flow_velocity", lambda: wm.velocity(cfg, wp, z(), g["act"], g["tau"], g["task_ids"]), "act", "tau", "task_ids", "obs")
+            z = (lambda P: g["flow_enc_z"]) if "flow_enc_z" in g else (lambda P: wm.encode(cfg, W(P), g["obs"], task))  # noqa: E731
+            z2 = (lambda P: g["flow_enc_z2"]) if "flow_enc_z2" in g else (lambda P: wm.encode(cfg, W(P), g["obs2"], task))  # noqa: E731
+            add("flow_enc_z", lambda P: wm.encode(cfg, W(P), g["obs"], task), "obs", "task_ids")
+            add("flow_enc_z2", lambda P: wm.encode(cfg, W(P), g["obs2"], task), "obs2", "task_ids")
+            add("flow_velocity", lambda P: wm.velocity(cfg, W(P), z(P), act, g["tau"], task), "act", "tau", "task_ids", "obs")
             for name, integ, k in (("flow_next_heun4", "heun", 4), ("flow_next_euler2", "euler", 2), ("flow_next_default", "heun", 1)):
-                add(name, (lambda integ=integ, k=k: wm.next_latent(dataclasses.replace(cfg, integrator=integ, substeps=k), wp, z(),
-                                                                   g["act"], g["task_ids"])), "act", "task_ids", "obs")
-            logits = lambda: wm.reward_logits(cfg, wp, z(), g["act"], g["task_ids"])  # noqa: E731
+                kcfg = dataclasses.replace(cfg, integrator=integ, substeps=k)
+                add(name, (lambda P, kcfg=kcfg: wm.next_latent(kcfg, W(P), z(P), act, task)), "act", "task_ids", "obs")
+            logits = lambda P: wm.reward_logits(cfg, W(P), z(P), act, task)  # noqa: E731
             add("flow_reward_logits", logits, "act", "task_ids", "obs")
-            add("flow_reward_almost_two_hot_inv", lambda: wm.reward_value(cfg, logits(), False), "act", "task_ids", "obs")
-            add("flow_reward_two_hot_inv", lambda: wm.reward_value(cfg, logits(), True), "act", "task_ids", "obs")
-            z2 = lambda: g["flow_enc_z2"] if "flow_enc_z2" in g else wm.encode(cfg, wp, g["obs2"], g["task_ids"])  # noqa: E731
-            add("fm_loss_uniform", lambda: wm.flow_matching_loss(cfg, wp, z(), z2(), g["act"], g["fm_tau_uniform"], g["task_ids"],
-                                                                 c["gamma"] ** 2), "fm_tau_uniform", "act", "task_ids", "obs", "obs2")
-            add("fm_loss_midpoint", lambda: wm.flow_matching_loss(cfg, wp, z(), z2(), g["act"], jnp.full((g["act"].shape[0], 1), 0.5),
-                                                                  g["task_ids"], 1.0), "act", "task_ids", "obs", "obs2")
+            add("flow_reward_almost_two_hot_inv", lambda P: wm.reward_value(cfg, logits(P), False), "act", "task_ids", "obs")
+            add("flow_reward_two_hot_inv", lambda P: wm.reward_value(cfg, logits(P), True), "act", "task_ids", "obs")
+            add("fm_loss_uniform", lambda P: wm.flow_matching_loss(cfg, W(P), z(P), z2(P), act, g["fm_tau_uniform"], task, c["gamma"] ** 2),
+                "fm_tau_uniform", "act", "task_ids", "obs", "obs2")
+            add("fm_loss_midpoint", lambda P: wm.flow_matching_loss(cfg, W(P), z(P), z2(P), act, jnp.full((act.shape[0], 1), 0.5), task, 1.0),
+                "act", "task_ids", "obs", "obs2")
             names = ["flowwml_total_loss", "flowwml_dyn_loss", "flowwml_rew_loss"]
             if has("wml_obs", "wml_act", "wml_rew", "wml_task", "flowwml_taus") and need_pwm(names, "wm_loss"):
-                def fwml():
-                    total, aux = pwm.wm_loss(fcfg, wp, g["wml_obs"], g["wml_act"], g["wml_rew"], g["wml_task"], None,
+                def fwml(P, i):
+                    total, aux = pwm.wm_loss(fcfg, W(P), g["wml_obs"], g["wml_act"], g["wml_rew"], g["wml_task"], None,
                                              gamma=c["gamma"], reward_loss=_reference_reward_loss(), tau_sampling="uniform",
                                              taus=g["flowwml_taus"])
-                    return {"flowwml_total_loss": total, "flowwml_dyn_loss": aux["dynamics_loss"], "flowwml_rew_loss": aux["reward_loss"]}
+                    return (total, aux["dynamics_loss"], aux["reward_loss"])[i]
 
-                for n in names:
-                    add(n, (lambda n=n: fwml()[n]))
+                for i, n in enumerate(names):
+                    add(n, (lambda P, i=i: fwml(P, i)))
 
-    latent = g.get("enc_z")
-    if latent is None and conv.wm is not None and conv.wm_cfg.kind == "mlp" and has("obs", "task_ids"):
-        latent = np.asarray(wm.encode(conv.wm_cfg, conv.wm, g["obs"], g["task_ids"]))
+    # latent fed to the actor and the critic: the stored golden one (README), else this checkpoint's MLP WM encoding
+    latent = None
+    if "enc_z" in g:
+        latent = lambda P: g["enc_z"]  # noqa: E731
+    elif conv.wm is not None and conv.wm_cfg.kind == "mlp" and has("obs", "task_ids"):
+        latent = lambda P: wm.encode(conv.wm_cfg, P["world_model"], g["obs"], g["task_ids"])  # noqa: E731
 
     if conv.actor is not None and latent is not None:
-        acfg, ap = conv.actor_cfg, conv.actor
+        acfg = conv.actor_cfg
+        A = lambda P: P["actor"]  # noqa: E731
         if acfg.kind == "gaussian":
             acfg = dataclasses.replace(acfg, min_logstd=float(c["actor_min_logstd"]))
-            mu = lambda: actors.action(acfg, ap, latent, None, deterministic=True)  # noqa: E731
-            std = lambda: jnp.exp(actors.clamped_logstd(acfg, ap))  # noqa: E731
-            add("actor_logstd_raw", lambda: ap["logstd"])
+            mu = lambda P: actors.action(acfg, A(P), latent(P), None, deterministic=True)  # noqa: E731
+            std = lambda P: jnp.exp(actors.clamped_logstd(acfg, A(P)))  # noqa: E731
+            add("actor_logstd_raw", lambda P: A(P)["logstd"])
             add("actor_mu", mu)
-            add("actor_det_action_tanh", lambda: jnp.tanh(mu()))
-            add("actor_logstd_clamped", lambda: actors.clamped_logstd(acfg, ap))
+            add("actor_det_action_tanh", lambda P: jnp.tanh(mu(P)))
+            add("actor_logstd_clamped", lambda P: actors.clamped_logstd(acfg, A(P)))
             add("actor_std", std)
-            add("actor_sample", lambda: mu() + g["actor_sample_eps"] * std(), "actor_sample_eps")
-            add("actor_log_probs_of_sample", lambda: actors.gaussian_log_prob(acfg, actors.project_logstd(acfg, ap), latent,
-                                                                              g["actor_sample"]), "actor_sample")
+            add("actor_sample", lambda P: mu(P) + g["actor_sample_eps"] * std(P), "actor_sample_eps")
+            add("actor_log_probs_of_sample", lambda P: actors.gaussian_log_prob(acfg, actors.project_logstd(acfg, A(P)), latent(P),
+                                                                                g["actor_sample"]), "actor_sample")
         else:
             acfg = dataclasses.replace(acfg, integrator=c["flow_actor_integrator"], substeps=int(c["flow_actor_substeps"]))
-            add("flow_actor_init_logstd_raw", lambda: ap["init_logstd"])
-            add("flow_actor_det_action", lambda: actors.action(acfg, ap, latent, None, deterministic=True))
-            add("flow_actor_init_logstd_clamped", lambda: actors.clamped_logstd(acfg, ap))
-            add("flow_actor_z0", lambda: g["flow_actor_noise"] * jnp.exp(actors.clamped_logstd(acfg, ap)), "flow_actor_noise")
-            add("flow_actor_action_from_z0", lambda: actors.flow_integrate(acfg, ap, g["flow_actor_z0"], latent), "flow_actor_z0")
-            add("flow_actor_action_from_z0_substeps4", lambda: actors.flow_integrate(acfg, ap, g["flow_actor_z0"], latent, substeps=4),
+            add("flow_actor_init_logstd_raw", lambda P: A(P)["init_logstd"])
+            add("flow_actor_det_action", lambda P: actors.action(acfg, A(P), latent(P), None, deterministic=True))
+            add("flow_actor_init_logstd_clamped", lambda P: actors.clamped_logstd(acfg, A(P)))
+            add("flow_actor_z0", lambda P: g["flow_actor_noise"] * jnp.exp(actors.clamped_logstd(acfg, A(P))), "flow_actor_noise")
+            add("flow_actor_action_from_z0", lambda P: actors.flow_integrate(acfg, A(P), g["flow_actor_z0"], latent(P)), "flow_actor_z0")
+            add("flow_actor_action_from_z0_substeps4", lambda P: actors.flow_integrate(acfg, A(P), g["flow_actor_z0"], latent(P), substeps=4),
                 "flow_actor_z0")
 
     if conv.critic is not None and latent is not None:
-        ccfg, cp = conv.critic_cfg, conv.critic
-        add("critic_values", lambda: critic.values(ccfg, cp, latent))
-        add("critic_min", lambda: critic.min_value(ccfg, cp, latent))
+        ccfg = conv.critic_cfg
+        add("critic_values", lambda P: critic.values(ccfg, P["critic"], latent(P)))
+        add("critic_min", lambda P: critic.min_value(ccfg, P["critic"], latent(P)))
         names = ["td_target_values_td_lambda", "td_target_values_one_step"]
         if has("td_rew_buf", "td_next_values", "td_done_mask") and need_pwm(names, "td_targets"):
-            args = lambda: (g["td_rew_buf"], g["td_next_values"], g["td_done_mask"], c["gamma"], c["lam"])  # noqa: E731
-            add("td_target_values_td_lambda", lambda: pwm.td_targets(*args(), method="td-lambda"))
-            add("td_target_values_one_step", lambda: pwm.td_targets(*args(), method="one-step"))
+            args = (g["td_rew_buf"], g["td_next_values"], g["td_done_mask"], c["gamma"], c["lam"])
+            add("td_target_values_td_lambda", lambda P: pwm.td_targets(*args, method="td-lambda"))
+            add("td_target_values_one_step", lambda P: pwm.td_targets(*args, method="one-step"))
     return todo, skipped
+
+
+def _evaluate(todo: dict[str, Callable], params) -> dict[str, tuple[np.ndarray | None, Exception | None]]:
+    """All outputs in one jitted program (one compile; params are arguments, not constants); if that fails,
+    output by output (eagerly), so one broken output is reported without hiding the others."""
+    import jax
+
+    try:
+        outs = jax.jit(lambda P: {n: fn(P) for n, fn in todo.items()})(params)
+        return {n: (np.asarray(v), None) for n, v in outs.items()}
+    except Exception:
+        pass
+    res = {}
+    for n, fn in todo.items():
+        try:
+            res[n] = (np.asarray(fn(params)), None)
+        except Exception as exc:  # report, do not crash
+            res[n] = (None, exc)
+    return res
 
 
 def verify(conv, golden: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None, atol: float = 1e-5) -> list[Result]:
     """Every output this checkpoint can produce vs the golden arrays (float32, highest matmul precision)."""
     import jax
 
+    golden = {k: np.asarray(v) for k, v in golden.items()}
     todo, results = compute(conv, golden, config)
+    params = {k: v for k, v in (("world_model", conv.wm), ("actor", conv.actor), ("critic", conv.critic)) if v is not None}
     with jax.default_matmul_precision("highest"):
-        for name, fn in todo.items():
-            want = np.asarray(golden[name])
-            try:
-                got = np.asarray(fn())
-            except Exception as exc:  # report, do not crash: one bad output must not hide the others
-                results.append(Result(name, None, "error", f"{type(exc).__name__}: {exc}"))
-                continue
-            if got.shape != want.shape:
-                results.append(Result(name, None, "error", f"shape {got.shape} != golden {want.shape}"))
-                continue
-            err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
-            ok = np.isfinite(err) and err <= atol
-            results.append(Result(name, err, "ok" if ok else "FAIL"))
+        outs = _evaluate(todo, params)
+    for name in todo:
+        want = golden[name]
+        got, exc = outs[name]
+        if exc is not None:
+            results.append(Result(name, None, "error", f"{type(exc).__name__}: {exc}"))
+            continue
+        if got.shape != want.shape:
+            results.append(Result(name, None, "error", f"shape {got.shape} != golden {want.shape}"))
+            continue
+        err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
+        ok = np.isfinite(err) and err <= atol
+        results.append(Result(name, err, "ok" if ok else "FAIL"))
     return results
 
 
