@@ -261,3 +261,21 @@ def test_fixture_store_windows_match_source(tmp_path):
     hs = HostSampler(st_, [4], batch_size=B, horizon=H, start=False)
     hb = hs.chunk_host(0)
     assert np.isfinite(hb["reward"]).all() and set(np.unique(hb["reward"])) <= {0.0, 1.0, 2.0}
+
+
+@pytest.mark.parametrize("to_device", [True, False])
+def test_host_buffers_not_recycled_while_held(store, to_device):
+    """Chunk buffers are pooled; a chunk the consumer still holds must never be overwritten."""
+    kw = dict(tasks=TASKS, batch_size=16, horizon=4, chunk_epochs=2, seed=9)
+    ref = HostSampler(store, start=False, **kw)
+    with HostSampler(store, prefetch=1, to_device=to_device, **kw) as hs:
+        held = [hs.next_chunk()]
+        for _ in range(20):  # churn: released chunks get recycled
+            hs.next_chunk()
+        held.append(hs.next_chunk())
+        assert len(hs._pool._bufs) <= hs._pool.max_buffers
+        assert hs._pool.allocations < 10, "buffers are recycled"
+    for i, c in zip([0, 21], held):
+        want = ref.chunk_host(i)
+        for k in want:
+            np.testing.assert_array_equal(np.asarray(c[k]), want[k])

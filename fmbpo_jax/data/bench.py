@@ -18,17 +18,19 @@ import jax
 import numpy as np
 
 
-def _timeit(fn, min_time: float, warmup: int = 1) -> tuple[float, int]:
+def _timeit(fn, min_time: float, warmup: int = 1) -> tuple[float, int, float]:
+    """(wall seconds, calls, process CPU seconds) over at least ``min_time`` after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     n = 0
     t0 = time.perf_counter()
+    c0 = time.process_time()
     while True:
         fn()
         n += 1
         dt = time.perf_counter() - t0
         if dt >= min_time:
-            return dt, n
+            return dt, n, time.process_time() - c0
 
 
 def run(tasks=30, episodes=40, batch_size=512, horizon=16, chunk_epochs=10, episode_length=501,
@@ -47,28 +49,38 @@ def run(tasks=30, episodes=40, batch_size=512, horizon=16, chunk_epochs=10, epis
         res["store_write_s"] = time.perf_counter() - t0
         if "device" in modes:
             ds = DeviceSampler(store, batch_size=batch_size, horizon=horizon, chunk_epochs=chunk_epochs)
-            dt, n = _timeit(lambda: jax.block_until_ready(ds.next_chunk()), min_time)
+            dt, n, cpu = _timeit(lambda: jax.block_until_ready(ds.next_chunk()), min_time)
             eps = n * chunk_epochs / dt
             res["device_epochs_per_s"] = eps
-            log(f"device-resident ({jax.default_backend()}): {eps:8.1f} epochs/s  {eps * win_per_epoch / 1e6:6.2f} M windows/s")
+            res["device_cpu_ms_per_epoch"] = 1e3 * cpu / (n * chunk_epochs)
+            log(f"device-resident ({jax.default_backend()}): {eps:8.1f} epochs/s  {eps * win_per_epoch / 1e6:6.2f} M windows/s"
+                f"  ({res['device_cpu_ms_per_epoch']:.2f} CPU-ms/epoch)")
         if "host" in modes:
             hs = HostSampler(store, batch_size=batch_size, horizon=horizon, chunk_epochs=chunk_epochs, start=False)
             rng = np.random.default_rng(0)
             buf = hs._alloc(chunk_epochs)
-            dt, n = _timeit(lambda: hs.sample_host(rng, out=buf), min_time)
+            dt, n, cpu = _timeit(lambda: hs.sample_host(rng, out=buf), min_time)
             eps = n * chunk_epochs / dt
             res["host_gather_epochs_per_s"] = eps
-            log(f"host gather (1 thread, numpy):  {eps:8.1f} epochs/s  {eps * win_per_epoch / 1e6:6.2f} M windows/s")
+            res["host_gather_cpu_ms_per_epoch"] = 1e3 * cpu / (n * chunk_epochs)
+            log(f"host gather (1 thread, numpy):  {eps:8.1f} epochs/s  {eps * win_per_epoch / 1e6:6.2f} M windows/s"
+                f"  ({res['host_gather_cpu_ms_per_epoch']:.2f} CPU-ms/epoch = {1e3 / res['host_gather_cpu_ms_per_epoch']:.0f}"
+                " epochs per CPU-second)")
             for nt in num_threads:
                 with HostSampler(store, batch_size=batch_size, horizon=horizon, chunk_epochs=chunk_epochs,
                                  num_threads=nt, prefetch=2) as hs:
-                    dt, n = _timeit(lambda: jax.block_until_ready(hs.next_chunk()), min_time, warmup=2)
+                    dt, n, cpu = _timeit(lambda: jax.block_until_ready(hs.next_chunk()), min_time, warmup=4 * nt + 2)
                 eps = n * chunk_epochs / dt
                 res[f"host_pipeline_{nt}thr_epochs_per_s"] = eps
+                res[f"host_pipeline_{nt}thr_cpu_ms_per_epoch"] = 1e3 * cpu / (n * chunk_epochs)
                 log(f"host pipeline ({nt} thread(s), incl. device_put): {eps:8.1f} epochs/s  "
-                    f"{eps * win_per_epoch / 1e6:6.2f} M windows/s")
+                    f"{eps * win_per_epoch / 1e6:6.2f} M windows/s  ({1e3 * cpu / (n * chunk_epochs):.2f} CPU-ms/epoch)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(os, "getloadavg"):
+        res["loadavg_1m_end"] = os.getloadavg()[0]
+        log(f"load average (1 min) {res['loadavg_1m']:.2f} -> {res['loadavg_1m_end']:.2f} on {os.cpu_count()} CPUs "
+            "(other processes share the cores: wall-clock rates are lower bounds)")
     return res
 
 

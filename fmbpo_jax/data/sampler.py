@@ -297,20 +297,55 @@ class _TaskViews:
         self.reward = _windows(rew, 1, nwin, horizon)
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype=np.float32, align: int = 64) -> np.ndarray:
-    """``np.empty`` aligned to 64 bytes: lets ``device_put`` on the CPU backend alias instead of copying."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off : off + nbytes].view(dtype).reshape(shape)
+def _carve(raw: np.ndarray, shapes: dict[str, tuple[int, ...]], align: int = 64) -> dict[str, np.ndarray]:
+    """float32 arrays of the given shapes laid out in ``raw`` (uint8), each 64-byte aligned.
+
+    Aligned buffers let ``device_put`` on the CPU backend alias them instead of copying.
+    """
+    out = {}
+    addr = raw.ctypes.data
+    pos = 0
+    for k, shp in shapes.items():
+        pos += (-(addr + pos)) % align  # align the address, not the offset
+        nbytes = int(np.prod(shp)) * 4
+        out[k] = raw[pos : pos + nbytes].view(np.float32).reshape(shp)
+        pos += nbytes
+    return out
 
 
-def _aliases(dev: dict, host: dict) -> bool:
-    """True when a device array shares memory with its host source (zero-copy put): never recycle then."""
-    try:
-        return any(dev[k].unsafe_buffer_pointer() == host[k].ctypes.data for k in host)
-    except Exception:  # sharded / unknown backend: be safe
-        return True
+def _nbytes_needed(shapes: dict[str, tuple[int, ...]], align: int = 64) -> int:
+    return sum(int(np.prod(s)) * 4 + align for s in shapes.values()) + align
+
+
+class _BufferPool:
+    """Recycles chunk buffers once nothing references them any more.
+
+    A buffer handed out (as numpy views, possibly aliased by zero-copy device arrays on the CPU
+    backend, which keep the views alive) is reused only when its reference count is back to the
+    pool's own reference, i.e. every view and every device array using it has been released. This
+    avoids re-faulting hundreds of MB of fresh pages per chunk.
+    """
+
+    def __init__(self, nbytes: int, max_buffers: int):
+        self.nbytes = nbytes
+        self.max_buffers = max_buffers
+        self._bufs: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self.allocations = 0  # fresh buffers allocated (the rest were recycled)
+
+    def get(self) -> np.ndarray:
+        import sys
+
+        with self._lock:
+            for raw in self._bufs:
+                # references: the list, the loop variable, getrefcount's argument
+                if sys.getrefcount(raw) <= 3:
+                    return raw
+            raw = np.empty(self.nbytes, np.uint8)
+            self.allocations += 1
+            if len(self._bufs) < self.max_buffers:
+                self._bufs.append(raw)
+            return raw
 
 
 class HostSampler:
@@ -353,6 +388,8 @@ class HostSampler:
         self._nsel = np.array([s.size for s in self._sel], np.int64)
         self._views = [_TaskViews(self.store.arrays(t), self.horizon, L) for t in self.tasks]
         self._dims = (self.store.obs_dim, self.store.action_dim)
+        self._pool = _BufferPool(_nbytes_needed(self._shapes(self.chunk_epochs)),
+                                 max_buffers=(max(1, int(prefetch)) + 1) * max(1, int(num_threads)) + 1)
         self._threads: list[threading.Thread] = []
         self._queues: list[queue.Queue] = []
         self._stop = threading.Event()
@@ -373,13 +410,17 @@ class HostSampler:
         start = rng.integers(0, self.store.episode_length - self.horizon, size=(n, T, B))
         return ep, start
 
-    def _alloc(self, n: int) -> dict[str, np.ndarray]:
+    def _shapes(self, n: int) -> dict[str, tuple[int, ...]]:
         T, B, H, (do, da) = len(self.tasks), self.batch_size, self.horizon, self._dims
-        return {
-            "obs": _aligned_empty((n, T, B, H + 1, do)),
-            "action": _aligned_empty((n, T, B, H, da)),
-            "reward": _aligned_empty((n, T, B, H)),
-        }
+        return {"obs": (n, T, B, H + 1, do), "action": (n, T, B, H, da), "reward": (n, T, B, H)}
+
+    def _alloc(self, n: int) -> dict[str, np.ndarray]:
+        shapes = self._shapes(n)
+        if n == self.chunk_epochs:
+            raw = self._pool.get()
+        else:
+            raw = np.empty(_nbytes_needed(shapes), np.uint8)
+        return _carve(raw, shapes)
 
     def gather(self, ep: np.ndarray, start: np.ndarray, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Copy the windows (episode [n,T,B], start [n,T,B]) into ``out`` (allocated when None)."""
@@ -425,15 +466,13 @@ class HostSampler:
     def _worker(self, w: int) -> None:
         i = w
         q = self._queues[w]
-        spare = None  # host buffer recycled once its contents are on the device
         try:
             while not self._stop.is_set():
-                host = self.chunk_host(i, out=spare)
-                spare = None
+                host = self.chunk_host(i)  # buffer from the pool (recycled when released)
                 if self.to_device:
                     batch = jax.device_put(host, self.device)
-                    jax.block_until_ready(batch)  # after this the device copy no longer reads `host`
-                    spare = host if not _aliases(batch, host) else None
+                    jax.block_until_ready(batch)
+                    del host  # a device copy no longer needs it; a zero-copy alias keeps it referenced
                 else:
                     batch = host
                 if not self._put(q, (i, batch, None)):
