@@ -93,7 +93,8 @@ def learning_rate(lr0: float, epoch: jax.Array, max_epochs: int, schedule: str =
     """Reference `update_lrs`: lr_i = lr0 + (1e-5 - lr0) * i / max_epochs at the start of epoch i."""
     if schedule == "constant":
         return jnp.asarray(lr0, jnp.float32)
-    frac = jnp.asarray(epoch, jnp.float32) / max(max_epochs, 1)
+    # clipped at the end of the run so an epoch past max_epochs never gets a negative lr (the reference stops there)
+    frac = jnp.clip(jnp.asarray(epoch, jnp.float32) / max(max_epochs, 1), 0.0, 1.0)
     return lr0 + (FINAL_LR - lr0) * frac
 
 

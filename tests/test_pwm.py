@@ -60,6 +60,7 @@ def test_lr_schedule_endpoints():
     assert float(pwm.learning_rate(5e-4, 1000, 1000)) == pytest.approx(1e-5, rel=1e-4)
     assert float(pwm.learning_rate(5e-4, 500, 1000)) == pytest.approx((5e-4 + 1e-5) / 2)
     assert float(pwm.learning_rate(3e-4, 700, 1000, "constant")) == pytest.approx(3e-4)
+    assert float(pwm.learning_rate(5e-4, 5000, 1000)) == pytest.approx(1e-5, rel=1e-4)  # never below the final lr
 
 
 def constant_critic(cfg: CriticConfig, value: float):
