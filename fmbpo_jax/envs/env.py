@@ -177,7 +177,12 @@ class MT30Env:
             raise RuntimeError(f"{self.task_name}: call reset() before step()")
         if self._t >= self.max_episode_steps:
             raise RuntimeError(f"{self.task_name}: episode finished after {self._t} steps; call reset()")
-        a = self.check_action(action)  # raises before touching the simulator
+        return self.step_checked(self.check_action(action))  # check raises before touching the simulator
+
+    def step_checked(self, a: np.ndarray):
+        """step() for an action already returned by check_action() (float64[A]); no validation."""
+        if self._t is None or self._t >= self.max_episode_steps:
+            raise RuntimeError(f"{self.task_name}: episode not running (t={self._t}); call reset()")
         a = (self._act_min + self._act_scale * (a - self._act_lo)).astype(self._act_dtype, copy=False)
         reward = 0.0
         for _ in range(ACTION_REPEAT):

@@ -84,15 +84,14 @@ class EnvGroup:
         actions = np.asarray(actions)
         if actions.shape != (len(self.envs), MAX_ACTION_DIM):
             raise ValueError(f"actions must have shape ({len(self.envs)}, {MAX_ACTION_DIM}), got {actions.shape}")
-        for env, a in zip(self.envs, actions):  # validate all before stepping any (keeps lockstep intact)
-            env.check_action(a)
+        checked = [env.check_action(a) for env, a in zip(self.envs, actions)]  # all before stepping any
         n = len(self.envs)
         obs = np.zeros((n, MAX_OBS_DIM), np.float32)
         rew = np.zeros(n, np.float32)
         done = np.zeros(n, bool)
         succ = np.zeros(n, np.float32)
-        for i, (env, a) in enumerate(zip(self.envs, actions)):
-            obs[i], rew[i], done[i], info = env.step(a)
+        for i, (env, a) in enumerate(zip(self.envs, checked)):
+            obs[i], rew[i], done[i], info = env.step_checked(a)
             succ[i] = info["success"]
         return obs, rew, done, succ
 
