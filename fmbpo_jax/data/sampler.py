@@ -154,27 +154,40 @@ def load_device_data(
     rng = np.random.default_rng(seed)
     sels = [select_episodes(store, t, episode_subsampling, rng, capacity_steps) for t in tids]
     k_max = max(s.size for s in sels)
-    obs = np.zeros((len(tids), e_max * L, store.obs_dim), np.float32)
-    action = np.zeros((len(tids), e_max * L, store.action_dim), np.float32)
-    reward = np.zeros((len(tids), e_max * L), np.float32)
-    emap = np.zeros((len(tids), k_max), np.int32)
+    T, rows = len(tids), e_max * L
+    sharding = None if device is None else jax.sharding.SingleDeviceSharding(device)
+    # Fill the device arrays one task at a time (donated in-place updates): host memory peaks at one
+    # task, device memory at the final arrays plus one task.
+    out = {
+        "obs": jnp.zeros((T, rows, store.obs_dim), jnp.float32, device=sharding),
+        "action": jnp.zeros((T, rows, store.action_dim), jnp.float32, device=sharding),
+        "reward": jnp.zeros((T, rows), jnp.float32, device=sharding),
+    }
+    emap = np.zeros((T, k_max), np.int32)
     for i, t in enumerate(tids):
         arr = store.arrays(t)
         n = counts[i]
-        obs[i, : n * L] = arr["obs"].reshape(n * L, -1)
-        action[i, : n * L] = arr["action"].reshape(n * L, -1)
-        reward[i, : n * L] = arr["reward"].reshape(n * L)
+        for k in ("obs", "action", "reward"):
+            x = np.asarray(arr[k]).reshape((n * L,) + out[k].shape[2:])
+            if n < e_max:
+                x = np.concatenate([x, np.zeros(((e_max - n) * L,) + x.shape[1:], np.float32)])
+            out[k] = _set_task(out[k], jax.device_put(x, device), i)
         emap[i, : sels[i].size] = sels[i]
     put = functools.partial(jax.device_put, device=device)
     return WindowData(
-        obs=put(obs),
-        action=put(action),
-        reward=put(reward),
+        obs=out["obs"],
+        action=out["action"],
+        reward=out["reward"],
         episode_map=put(emap),
         num_entries=put(np.array([s.size for s in sels], np.int32)),
         task_ids=put(np.array(tids, np.int32)),
         episode_length=L,
     )
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _set_task(full: jax.Array, x: jax.Array, i) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(full, x, i, axis=0)
 
 
 def _sample_task(key, obs, action, reward, episode_map, num_entries, *, batch_size, horizon, episode_length):
