@@ -588,6 +588,12 @@ def parse_native(obj: Mapping[str, Any], given: Mapping | None = None) -> Conver
             conv.metadata[k] = None  # the object itself is re-created as None + '<k>_stats' on export
             continue
         conv.metadata[k] = to_jsonable(v, conv.notes, k)
+    if conv.wm_cfg is not None:
+        for meta_key, field in (("obs_dim", "obs_dim"), ("act_dim", "action_dim")):
+            v = obj.get(meta_key)
+            if isinstance(v, int) and not isinstance(v, bool) and v != getattr(conv.wm_cfg, field):
+                conv.notes.append(f"the file's '{meta_key}'={v} disagrees with the world model's {field}={getattr(conv.wm_cfg, field)} "
+                                  "(from the tensor shapes, which are used)")
     tasks = obj.get("task_set")
     if tasks is None and isinstance(obj.get("cfg"), Mapping):
         tasks = obj["cfg"].get("tasks")

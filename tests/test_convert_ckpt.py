@@ -451,3 +451,9 @@ def test_in_memory_conversion_api():
     again = parse_checkpoint({"world_model": {k: v.numpy() for k, v in obj["world_model"].items()}})  # numpy works too
     for a, b in zip(_leaves(conv.wm), _leaves(again.wm)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_inspect_converted_directory(converted, capsys):
+    assert main(["inspect", str(converted["wm_small_native_flow"])]) == 0
+    out = capsys.readouterr().out
+    assert "converted checkpoint directory" in out and '"layout": "native-pretrain"' in out and '"kind": "flow"' in out

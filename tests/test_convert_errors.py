@@ -290,3 +290,11 @@ def test_export_flow_wm_to_tdmpc2_is_refused(tmp_path, capsys):
     err = refused(["export", "--src", str(dst), "--dst", str(tmp_path / "x.pt"), "--format", "tdmpc2"], capsys)
     assert "cannot hold a flow WM" in err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_metadata_disagreeing_with_shapes_is_noted():
+    obj = tload("wm_small_native_flow.pt")
+    obj["obs_dim"] = 24
+    conv = parse_checkpoint(obj)
+    assert conv.wm_cfg.obs_dim == 12
+    assert any("'obs_dim'=24 disagrees" in n for n in conv.notes)
