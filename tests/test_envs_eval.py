@@ -145,6 +145,12 @@ def test_background_evaluator_uses_a_snapshot(ev2):
         assert [t for t, _ in done] == ([2, 3] if accepted else [2])
         np.testing.assert_array_equal(done[0][1].returns, expected)
         assert bg.poll() == [] and not bg.busy
+        # an evaluation that fails re-raises in the caller's thread
+        nan_params = linear_params(2)
+        nan_params["b"][:] = np.nan
+        assert bg.submit(nan_params, seed=1, tag="bad")
+        with pytest.raises(ValueError, match="non-finite"):
+            bg.result(timeout=120)
 
 
 def test_assign_slots_balances_and_covers():

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fmbpo_jax.envs.pool import EnvPool, default_num_workers
+from fmbpo_jax.envs.pool import EnvPool
 from fmbpo_jax.envs.tasks import EPISODE_LENGTH, MAX_ACTION_DIM, MAX_OBS_DIM, MT30_TASKS, task_id
 
 SEED_STRIDE = 1000
