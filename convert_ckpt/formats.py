@@ -339,7 +339,7 @@ def infer_actor_config(sd: Mapping[str, Any], given: Mapping | None = None, what
     lin = sorted(i for i, p in layers.items() if "weight" in p and len(_shape(p["weight"])) == 2)
     if not lin:
         raise StateDictError(f"{what}: no '{net}.<i>.weight' Linear keys found")
-    for j, i in enumerate(range(0, lin[-1] + 1, 3)):
+    for i in range(0, lin[-1] + 1, 3):
         if i not in lin:
             raise StateDictError(f"{what}: missing key '{net}.{i}.weight' (Linear layers sit at indices 0, 3, 6, ...)")
     outs = [_shape(layers[i]["weight"])[0] for i in lin]

@@ -1,7 +1,6 @@
 """convert_ckpt: PyTorch checkpoints -> Flax params -> PyTorch, losslessly, and the goldens recomputed from them."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -457,3 +456,15 @@ def test_inspect_converted_directory(converted, capsys):
     assert main(["inspect", str(converted["wm_small_native_flow"])]) == 0
     out = capsys.readouterr().out
     assert "converted checkpoint directory" in out and '"layout": "native-pretrain"' in out and '"kind": "flow"' in out
+
+
+def test_verify_reports_a_broken_output_without_hiding_the_others(tmp_path, capsys):
+    g = tmp_path / "g.npz"
+    with np.load(FIX / "golden_small.npz") as f:
+        arrays = {k: f[k] for k in ("obs", "task_ids", "enc_z", "mlp_next_z")}
+        arrays["act"] = np.zeros((9, 5), np.float32)  # one action column too many for this world model
+    np.savez(g, **arrays)
+    rc = main(["verify", "--ckpt", str(FIX / "wm_small_tdmpc2.pt"), "--golden", str(g)])
+    rows = _parse_verify(capsys.readouterr().out)
+    assert rc == 1
+    assert rows["enc_z"][1] == "ok" and rows["mlp_next_z"][1] == "error"
