@@ -196,11 +196,12 @@ def _sample_task(key, obs, action, reward, episode_map, num_entries, *, batch_si
     ep = episode_map[j]
     start = jax.random.randint(k_start, (batch_size,), 0, episode_length - horizon)  # s in 0..L-(H+1)
     base = ep * episode_length + start
-    idx = base[:, None] + jnp.arange(horizon + 1)[None, :]  # [B, H+1]
+    # one contiguous slice per window (a gather with slice size [H+1, dim]): ~1.5x faster on CPU
+    # than gathering H+1 single rows
     out = {
-        "obs": jnp.take(obs, idx, axis=0, mode="clip"),
-        "action": jnp.take(action, idx[:, 1:], axis=0, mode="clip"),
-        "reward": jnp.take(reward, idx[:, 1:], axis=0, mode="clip"),
+        "obs": jax.vmap(lambda b: jax.lax.dynamic_slice_in_dim(obs, b, horizon + 1, axis=0))(base),
+        "action": jax.vmap(lambda b: jax.lax.dynamic_slice_in_dim(action, b + 1, horizon, axis=0))(base),
+        "reward": jax.vmap(lambda b: jax.lax.dynamic_slice_in_dim(reward, b + 1, horizon, axis=0))(base),
     }
     return out, ep, start
 
@@ -288,26 +289,29 @@ def _check_horizon(horizon: int, episode_length: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _windows(flat: np.ndarray, first_row: int, n_windows: int, length: int) -> np.ndarray:
-    """Read-only strided view ``[n_windows, length, ...]``: window i = rows first_row+i .. +length-1."""
-    base = flat[first_row:]
-    shape = (n_windows, length) + base.shape[1:]
-    strides = (base.strides[0],) + base.strides
-    return np.lib.stride_tricks.as_strided(base, shape=shape, strides=strides, writeable=False)
+def _window_view(flat: np.ndarray, first_row: int, n_windows: int, length: int) -> np.ndarray:
+    """Read-only 1-D view of ``n_windows`` overlapping windows, each ONE void item of ``length`` rows.
+
+    Window i covers rows ``first_row + i .. first_row + i + length - 1`` of the C-contiguous
+    ``flat`` [rows, ...]. Fancy-indexing a 1-D array of void items takes numpy's trivial gather path:
+    one memcpy per window (about 10% faster than indexing a [n, length, dim] strided view).
+    """
+    flat = np.ascontiguousarray(flat) if not flat.flags.c_contiguous else flat
+    row = flat.strides[0] if flat.ndim > 1 else flat.itemsize
+    if first_row + n_windows - 1 + length > flat.shape[0]:
+        raise ValueError("windows exceed the array")
+    vd = np.dtype((np.void, row * length))
+    return np.ndarray(shape=(n_windows,), dtype=vd, buffer=flat, offset=first_row * row, strides=(row,))
 
 
 class _TaskViews:
     def __init__(self, arrays: dict[str, np.ndarray], horizon: int, episode_length: int):
         E = arrays["obs"].shape[0]
-        L = episode_length
-        rows = E * L
-        nwin = rows - horizon  # window starts 0 .. rows-H-1 (valid ones are a subset)
-        obs = arrays["obs"].reshape(rows, -1)
-        act = arrays["action"].reshape(rows, -1)
-        rew = arrays["reward"].reshape(rows)
-        self.obs = _windows(obs, 0, nwin, horizon + 1)
-        self.action = _windows(act, 1, nwin, horizon)
-        self.reward = _windows(rew, 1, nwin, horizon)
+        rows = E * episode_length
+        nwin = rows - horizon  # window starts 0 .. rows-H-1 (the valid ones are a subset)
+        self.obs = _window_view(arrays["obs"].reshape(rows, -1), 0, nwin, horizon + 1)
+        self.action = _window_view(arrays["action"].reshape(rows, -1), 1, nwin, horizon)
+        self.reward = _window_view(arrays["reward"].reshape(rows), 1, nwin, horizon)
 
 
 def _carve(raw: np.ndarray, shapes: dict[str, tuple[int, ...]], align: int = 64) -> dict[str, np.ndarray]:
@@ -437,16 +441,16 @@ class HostSampler:
 
     def gather(self, ep: np.ndarray, start: np.ndarray, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Copy the windows (episode [n,T,B], start [n,T,B]) into ``out`` (allocated when None)."""
-        n = ep.shape[0]
+        n, T, B = ep.shape
         out = self._alloc(n) if out is None else out
         flat = ep * self.store.episode_length + start
+        v0 = self._views[0]
+        dst = {k: out[k].reshape(n, T, B, -1).view(getattr(v0, k).dtype)[..., 0] for k in ("obs", "action", "reward")}
         for i, v in enumerate(self._views):
-            # fancy indexing on the strided window view copies one contiguous block per window
-            # (np.take would first copy the whole overlapping view into a contiguous array)
             fi = flat[:, i]
-            out["obs"][:, i] = v.obs[fi]
-            out["action"][:, i] = v.action[fi]
-            out["reward"][:, i] = v.reward[fi]
+            dst["obs"][:, i] = v.obs[fi]
+            dst["action"][:, i] = v.action[fi]
+            dst["reward"][:, i] = v.reward[fi]
         return out
 
     def sample_host(self, rng: np.random.Generator, n: int | None = None, out=None) -> dict[str, np.ndarray]:
