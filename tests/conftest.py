@@ -69,3 +69,57 @@ def small_models(small_cfg):
                              integrator=c["flow_actor_integrator"], substeps=c["flow_actor_substeps"])
     critic = CriticConfig(latent_dim=c["latent_dim"], units=tuple(c["critic_units"]), num_critics=c["num_critics"])
     return mlp, flow, gauss, flow_actor, critic
+
+
+TINY_TASKS = ("cartpole-balance", "reacher-easy", "walker-stand")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """A real per-task store: 3 episodes x 3 tasks of 51 steps of random dm_control rollouts."""
+    from convert_ckpt.dataset import convert
+    from fmbpo_jax.data.generate import generate
+
+    root = tmp_path_factory.mktemp("tiny_store")
+    chunk = root / "chunk_0.pt"
+    generate(chunk, list(TINY_TASKS), 3, episode_length=51, seed=5)
+    convert([str(chunk)], str(root / "store"), episode_length=51, log=lambda *a, **k: None)
+    return str(root / "store")
+
+
+def tiny_config(store: str, **overrides):
+    """configs/base.py shrunk to seconds: tiny model, short horizon, few epochs, 1 eval episode of 20 steps."""
+    from configs.base import get_config
+
+    c = get_config()
+    c.name = "tiny"
+    c.tasks = ",".join(TINY_TASKS)
+    c.seeds = "1"
+    c.model.size = "tiny"
+    c.model.task_dim = 8
+    c.model.actor_units = (32, 32)
+    c.model.critic_units = (32, 32)
+    c.alg.batch_size = 16
+    c.alg.horizon = 4
+    c.alg.wm_batch_size = 8
+    c.alg.wm_iterations = 2
+    c.alg.critic_iterations = 2
+    c.alg.critic_batches = 2
+    c.epochs = 20
+    c.chunk_epochs = 5
+    c.log_freq = 5
+    c.checkpoint_freq = 10
+    c.eval.freq = 10
+    c.eval.episodes = 1
+    c.eval.max_steps = 20
+    c.eval.workers = 1
+    c.eval.background = False
+    c.data.dataset_dir = store
+    c.data.sampler = "device"
+    for k, v in overrides.items():
+        node = c
+        *path, leaf = k.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = v
+    return c

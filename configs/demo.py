@@ -1,0 +1,38 @@
+"""The README's default run: the whole pipeline on a few tasks at a small size, on any machine.
+
+No dataset or checkpoint needed: it collects random-policy episodes in dm_control, pretrains a small
+world model, trains policies on it (frozen and fine-tuned) and compares them with a random policy.
+"""
+from configs.base import get_config as base_config
+
+
+def get_config():
+    c = base_config()
+    c.name = "demo"
+    c.mode = "demo"
+    c.tasks = "cartpole-balance,reacher-easy,walker-stand"
+    c.seeds = "1"
+    c.model.size = "small"
+    c.model.task_dim = 16
+    c.model.actor_units = (128, 128)
+    c.model.critic_units = (128, 128)
+    c.alg.batch_size = 128
+    c.alg.horizon = 8
+    c.alg.wm_batch_size = 64
+    c.alg.wm_iterations = 2
+    c.alg.critic_iterations = 4
+    c.alg.critic_batches = 4
+    c.epochs = 1500
+    c.chunk_epochs = 250
+    c.log_freq = 250
+    c.checkpoint_freq = 1500
+    c.eval.freq = 750
+    c.eval.episodes = 4
+    c.eval.background = False
+    c.pretrain.iters = 3000
+    c.pretrain.batch_size = 256
+    c.pretrain.best_every = 500
+    c.demo.episodes_per_task = 10
+    c.demo.episode_length = 501
+    c.data.sampler = "device"
+    return c

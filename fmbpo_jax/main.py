@@ -1,0 +1,97 @@
+"""The main job: `python -m fmbpo_jax.main --config=configs/phase3.py [--config.key=value ...] [--workdir=DIR]`.
+
+Without --config it runs configs/demo.py, which needs no dataset or checkpoint. A run restarted with
+the same --workdir resumes from its last checkpoint. Exit codes: 0 done, 2 bad config, 75 preempted
+(SIGTERM: checkpointed; requeue the same command).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(_HERE), "configs", "demo.py")
+
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "experiment config file (configs/*.py)", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "", "run directory (checkpoints, logs, results); default runs/<config.name>")
+_WANDB = flags.DEFINE_enum("wandb", "disabled", ["disabled", "offline", "online"], "wandb mode")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() at start-up")
+
+
+class WandbSink:
+    """Forwards log rows to wandb (process 0 only); a no-op when disabled."""
+
+    def __init__(self, config, mode: str, workdir: str):
+        self.run = None
+        if mode == "disabled":
+            return
+        import jax
+        import wandb
+
+        if jax.process_index() != 0:
+            return
+        c = config
+        name = (f"{c.name}_seed{c.seeds.replace(',', '-')}_H{c.alg.horizon}_K{c.model.wm_substeps if c.world_model == 'flow' else 0}"
+                f"_Kpol{c.model.actor_substeps if c.actor == 'flow' else 0}")
+        self.run = wandb.init(project=c.wandb.project, entity=c.wandb.entity or None, name=name, mode=mode,
+                              dir=workdir, config=c.to_dict())
+
+    def metrics(self, rows):
+        if self.run is not None:
+            for r in rows:
+                self.run.log({f"{r['task']}/seed{r['seed']}/{k}": v for k, v in r.items() if k not in ("task", "seed")} | {"epoch": r["epoch"]})
+
+    def evals(self, rows):
+        self.metrics(rows)
+
+    def close(self):
+        if self.run is not None:
+            self.run.finish()
+
+
+def main(argv):
+    del argv
+    from fmbpo_jax.run_config import ConfigError
+    from fmbpo_jax.train import EXIT_REQUEUE, Preempted, TrainingStopped
+
+    config = _CONFIG.value
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it renames at INFO
+    if _MULTIHOST.value:
+        import jax
+
+        jax.distributed.initialize()
+    workdir = _WORKDIR.value or os.path.join("runs", config.name)
+    sink = WandbSink(config, _WANDB.value, workdir)
+    try:
+        if config.mode == "demo":
+            from fmbpo_jax.demo import run_demo
+
+            run_demo(config, workdir)
+        elif config.mode == "pretrain_wm":
+            from fmbpo_jax.pretrain import pretrain_wm
+
+            out = pretrain_wm(config, workdir)
+            print(f"best wm_loss {out['best_wm_loss']:.4f} -> {out['best_dir']}")
+        else:
+            from fmbpo_jax.train import train
+
+            train(config, workdir, on_metrics=sink.metrics, on_eval=sink.evals)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(EXIT_REQUEUE)
+    finally:
+        sink.close()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,639 @@
+"""The multitask trainer: every (seed, task) run of a phase in one compiled program.
+
+Per-run state (actor, critic, their Adam states, ret_rms, epoch, PRNG key; the WM too when fine-tuned) is
+stacked on a leading run axis R = seeds x tasks. One jitted call trains `chunk_epochs` epochs:
+`lax.scan` over epochs of `vmap(pwm.update)` over runs, batches sampled inside the program from the
+device-resident store (or fed from the host prefetcher), state donated, metrics returned once per chunk.
+A frozen WM is shared by all runs (in_axes=None). Evaluation runs in a background thread on a params
+snapshot; checkpoints are orbax (atomic) with the run's host-side bookkeeping as JSON in the same step.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmbpo_jax import actors, nets, pwm
+from fmbpo_jax import world_model as wm
+from fmbpo_jax.data.sampler import WindowData
+from fmbpo_jax.envs.tasks import ACTION_DIMS_BY_ID, MAX_ACTION_DIM, MT30_TASKS
+from fmbpo_jax.run_config import RunSpec
+
+Params = dict[str, Any]
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: the launch scripts requeue on it (SIGTERM -> checkpoint -> exit)
+
+
+# ===================================================================================== pure, jittable parts
+
+
+def run_keys(spec: RunSpec) -> jax.Array:
+    """One independent PRNG stream per run: fold_in(PRNGKey(seed), task_id). Raw uint32 [R, 2]."""
+    return jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), t) for s, t in zip(spec.run_seeds, spec.run_task_ids)])
+
+
+def init_runs(cfg: pwm.PWMConfig, keys: jax.Array, wm_params: Params | None = None) -> dict:
+    """Stacked per-run training state [R, ...] from raw keys [R, 2].
+
+    wm_params: pretrained WM copied into every run when fine-tuning (None: a fresh WM per run).
+    """
+    def one(k):
+        k_init, k_train = jax.random.split(k)
+        st = pwm.init_state(cfg, k_init, wm_params)
+        st["key"] = k_train
+        st["nan_streak"] = jnp.zeros((), jnp.int32)
+        return st
+
+    return jax.vmap(one)(keys)
+
+
+def sample_run(data: WindowData, pos: jax.Array, key: jax.Array, batch_size: int, horizon: int) -> dict:
+    """B windows of H+1 steps of task row `pos` of the device store, time-major.
+
+    Indices go straight into the flattened [T * E * L] arrays, so a traced `pos` never copies a task's data.
+    Returns obs [H+1, B, O], action [H, B, A], reward [H, B] (action/reward that follow each obs).
+    """
+    L = data.episode_length
+    rows = data.obs.shape[1]
+    k_ep, k_start = jax.random.split(key)
+    j = jax.random.randint(k_ep, (batch_size,), 0, data.num_entries[pos])
+    ep = data.episode_map[pos, j]
+    start = jax.random.randint(k_start, (batch_size,), 0, L - horizon)
+    idx = (pos * rows + ep * L + start)[:, None] + jnp.arange(horizon + 1)[None, :]  # [B, H+1]
+    obs = jnp.take(data.obs.reshape(-1, data.obs.shape[-1]), idx, axis=0)
+    act = jnp.take(data.action.reshape(-1, data.action.shape[-1]), idx[:, 1:], axis=0)
+    rew = jnp.take(data.reward.reshape(-1), idx[:, 1:], axis=0)
+    return {"obs": jnp.swapaxes(obs, 0, 1), "action": jnp.swapaxes(act, 0, 1), "reward": jnp.swapaxes(rew, 0, 1)}
+
+
+def _epoch_one_run(cfg: pwm.PWMConfig, batch_size: int, wm_batch_size: int, st: dict, frozen_wm, data, pos, task):
+    """One epoch of one run with in-program sampling. Returns (state, metrics)."""
+    key, k_batch, k_wm, k_update = jax.random.split(st["key"], 4)
+    batch = sample_run(data, pos, k_batch, batch_size, cfg.horizon)
+    batch["task"] = task
+    if cfg.finetune_wm and cfg.wm_updates == "iterations":
+        wm_b = jax.vmap(lambda k: sample_run(data, pos, k, wm_batch_size, cfg.horizon))(jax.random.split(k_wm, cfg.wm_iterations))
+        batch["wm"] = wm_b
+    return _update_one_run(cfg, st, batch, key, k_update, frozen_wm)
+
+
+def _update_one_run(cfg, st, batch, next_key, k_update, frozen_wm):
+    inner = {k: v for k, v in st.items() if k not in ("key", "nan_streak")}
+    new, metrics = pwm.update(cfg, inner, batch, k_update, frozen_wm)
+    skipped = metrics["actor_nan_skip"] + metrics.get("wm_nan_skips", 0)
+    new["nan_streak"] = jnp.where(skipped > 0, st["nan_streak"] + 1, 0)
+    new["key"] = next_key
+    return new, metrics
+
+
+def make_train_chunk(cfg: pwm.PWMConfig, num_epochs: int, batch_size: int, wm_batch_size: int, task_chunk: int = 0) -> Callable:
+    """jit(state [R], frozen_wm | None, data: WindowData, run_pos [R], run_task [R]) -> (state, metrics [N, R]).
+
+    lax.scan over `num_epochs` epochs; per epoch the runs are vmapped (or lax.map'ed in groups of
+    `task_chunk` when memory binds). The state is donated.
+    """
+    def epoch_all_runs(state, frozen_wm, data, run_pos, run_task):
+        f = lambda st, pos, task: _epoch_one_run(cfg, batch_size, wm_batch_size, st, frozen_wm, data, pos, task)
+        if task_chunk:
+            return jax.lax.map(lambda xs: f(*xs), (state, run_pos, run_task), batch_size=task_chunk)
+        return jax.vmap(f)(state, run_pos, run_task)
+
+    def chunk(state, frozen_wm, data, run_pos, run_task):
+        return jax.lax.scan(lambda st, _: epoch_all_runs(st, frozen_wm, data, run_pos, run_task), state, None, length=num_epochs)
+
+    return jax.jit(chunk, donate_argnums=(0,))
+
+
+def make_train_chunk_host(cfg: pwm.PWMConfig, num_seeds: int, batch_size: int, wm_batch_size: int, task_chunk: int = 0) -> Callable:
+    """Host-fed variant: jit(state, frozen_wm, batches, run_task) with batches from the HostSampler.
+
+    batches: obs [N, T, S*(B + I*Bw), H+1, O] (batch-major, as the sampler gives them): window block s of
+    each task goes to seed s; within a block the first B windows feed the policy, the rest the WM steps.
+    """
+    per = batch_size + (cfg.wm_iterations * wm_batch_size if cfg.finetune_wm and cfg.wm_updates == "iterations" else 0)
+
+    def to_runs(x):  # [T, S*per, ...] -> [R=S*T, per, ...], seed-major
+        T = x.shape[0]
+        x = x.reshape((T, num_seeds, per) + x.shape[2:])
+        return jnp.swapaxes(x, 0, 1).reshape((num_seeds * T, per) + x.shape[3:])
+
+    def one(st, frozen_wm, b, task):
+        key, k_update = jax.random.split(st["key"])
+        tm = lambda x: jnp.swapaxes(x, 0, 1)
+        batch = {"obs": tm(b["obs"][:batch_size]), "action": tm(b["action"][:batch_size]),
+                 "reward": tm(b["reward"][:batch_size]), "task": task}
+        if per > batch_size:
+            split = lambda x: jnp.swapaxes(x[batch_size:].reshape((cfg.wm_iterations, wm_batch_size) + x.shape[1:]), 1, 2)
+            batch["wm"] = {k: split(b[k]) for k in ("obs", "action", "reward")}
+        return _update_one_run(cfg, st, batch, key, k_update, frozen_wm)
+
+    def chunk(state, frozen_wm, batches, run_task):
+        def body(st, b):
+            runs_b = {k: to_runs(b[k]) for k in ("obs", "action", "reward")}
+            f = lambda s, bb, t: one(s, frozen_wm, bb, t)
+            if task_chunk:
+                return jax.lax.map(lambda xs: f(*xs), (st, runs_b, run_task), batch_size=task_chunk)
+            return jax.vmap(f)(st, runs_b, run_task)
+
+        return jax.lax.scan(body, state, batches)
+
+    return jax.jit(chunk, donate_argnums=(0,))
+
+
+def make_policy_fn(cfg: pwm.PWMConfig, shared_wm: bool, apply_masks: bool) -> Callable:
+    """Deterministic evaluation policy for the batched evaluator.
+
+    policy(bundle, obs [N, 24], task_ids [N]) -> tanh actions [N, 6]; bundle = {'actor': [T, ...],
+    'wm': shared or [T, ...]}, slots task-major (slot i belongs to bundle row i // (N / T)), as the
+    evaluator lays them out for its task list.
+    """
+    masks = nets.action_mask_table(ACTION_DIMS_BY_ID, MAX_ACTION_DIM)
+
+    def one_task(actor_p, wm_p, obs, task):
+        z = wm.encode(cfg.wm, wm_p, obs, task)
+        a = jnp.tanh(actors.action(cfg.actor, actor_p, z, None, deterministic=True))
+        return a * masks[task] if apply_masks else a
+
+    def policy(bundle, obs, task_ids):
+        T = jax.tree_util.tree_leaves(bundle["actor"])[0].shape[0]
+        E = obs.shape[0] // T
+        obs_t = obs.reshape(T, E, obs.shape[-1])
+        tasks_t = task_ids.reshape(T, E)[:, 0]
+        wm_axis = None if shared_wm else 0
+        out = jax.vmap(one_task, in_axes=(0, wm_axis, 0, 0))(bundle["actor"], bundle["wm"], obs_t, tasks_t)
+        return out.reshape(T * E, MAX_ACTION_DIM)
+
+    return policy
+
+
+@jax.jit
+def _select_best(best: dict, snap: dict, improved: jax.Array) -> dict:
+    """Per-run where(improved, snapshot, best) over every leaf [R, ...]."""
+    def sel(b, s):
+        return jnp.where(improved.reshape((-1,) + (1,) * (b.ndim - 1)), s, b)
+    return jax.tree_util.tree_map(sel, best, snap)
+
+
+# ===================================================================================== host-side helpers
+
+
+class RunLog:
+    """Append-only JSONL logs in the workdir; on resume rows at or past the restored epoch are dropped."""
+
+    def __init__(self, workdir: str):
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.eval_path = os.path.join(workdir, "eval.jsonl")
+
+    @staticmethod
+    def _truncate(path: str, keep: Callable[[dict], bool]) -> None:
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            for r in rows:
+                if keep(r):
+                    f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+
+    def resume_at(self, epoch: int, last_eval_epoch: int) -> None:
+        self._truncate(self.metrics_path, lambda r: r["epoch"] < epoch)
+        self._truncate(self.eval_path, lambda r: r["epoch"] <= last_eval_epoch)
+
+    @staticmethod
+    def _append(path: str, rows: list[dict]) -> None:
+        if rows:
+            with open(path, "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def metrics(self, rows):
+        self._append(self.metrics_path, rows)
+
+    def evals(self, rows):
+        self._append(self.eval_path, rows)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class EvalThread:
+    """Evaluates params snapshots for every seed in a background thread (one evaluation at a time)."""
+
+    def __init__(self, evaluator, seeds: tuple[int, ...], eval_seed: int, background: bool):
+        self.ev = evaluator
+        self.seeds = seeds
+        self.eval_seed = eval_seed
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._results: list = []
+        self._lock = threading.Lock()
+
+    def _work(self, epoch: int, bundles: list, snap_state: Any, seed_offset: int):
+        try:
+            res = [self.ev.run(b, seed=self.eval_seed + seed_offset, tag=(epoch, s)) for s, b in zip(self.seeds, bundles)]
+            with self._lock:
+                self._results.append(("ok", epoch, res, snap_state))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+            with self._lock:
+                self._results.append(("error", epoch, e, None))
+
+    def submit(self, epoch: int, bundles: list, snap_state: Any = None, seed_offset: int = 0) -> None:
+        self.wait()
+        if self.background:
+            self._thread = threading.Thread(target=self._work, args=(epoch, bundles, snap_state, seed_offset), daemon=True)
+            self._thread.start()
+        else:
+            self._work(epoch, bundles, snap_state, seed_offset)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def poll(self) -> list:
+        with self._lock:
+            out, self._results = self._results, []
+        for kind, epoch, value, _ in out:
+            if kind == "error":
+                raise value
+        return out
+
+    def close(self) -> None:
+        self.wait()
+        self.ev.close()
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: the trainer checkpointed and should exit with EXIT_REQUEUE."""
+
+
+class SigtermFlag:
+    """Installs a SIGTERM handler that only sets a flag; the loop checks it between jitted chunks."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def format_table(rows: list[dict], cols: list[str]) -> str:
+    """A plain-text table (also valid Markdown)."""
+    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) if rows else len(c) for c in cols]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line([fmt(r.get(c, "")) for c in cols]) for r in rows]
+    return "\n".join(out)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    cols = list(rows[0])
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def eta_string(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+# ========================================================================================= the driver
+
+
+class TrainingStopped(RuntimeError):
+    """A run kept producing non-finite updates; the message names the run and the quantity."""
+
+
+def load_pretrained_wm(config, wm_cfg):
+    """(WMConfig, params) from --config.checkpoint (a .pt or a converted dir), or None when unset.
+
+    The architecture comes from the checkpoint; facts its shapes cannot tell (integrator, substeps, bins
+    range, SimNorm group) from the config. A WM kind or task count that disagrees is an error.
+    """
+    import dataclasses
+
+    from fmbpo_jax.run_config import ConfigError
+
+    path = config.checkpoint
+    if not path:
+        return None
+    if not os.path.exists(path):
+        raise ConfigError(f"--config.checkpoint={path!r} does not exist (see README 'Bring your own checkpoint')")
+    from convert_ckpt.api import load_world_model
+
+    ck_cfg, params, _ = load_world_model(path)
+    if ck_cfg.kind != wm_cfg.kind:
+        raise ConfigError(f"--config.world_model={wm_cfg.kind!r} but {path} holds a {ck_cfg.kind!r} world model")
+    if ck_cfg.num_tasks != wm_cfg.num_tasks:
+        raise ConfigError(f"{path}: the checkpoint has {ck_cfg.num_tasks} tasks, the config expects {wm_cfg.num_tasks} (MT30)")
+    ck_cfg = dataclasses.replace(ck_cfg, integrator=wm_cfg.integrator, substeps=wm_cfg.substeps, vmin=wm_cfg.vmin,
+                                 vmax=wm_cfg.vmax, simnorm_dim=wm_cfg.simnorm_dim)
+    return ck_cfg, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def open_data(config, spec: RunSpec, episode_subsampling: str, horizon: int):
+    """The per-task store: ('device', WindowData) or ('host', HostSampler factory)."""
+    from fmbpo_jax.data.sampler import load_device_data
+    from fmbpo_jax.data.store import StoreError, open_store
+    from fmbpo_jax.run_config import ConfigError
+
+    d = config.data.dataset_dir
+    if not d:
+        raise ConfigError("--config.data.dataset_dir is empty: convert the MT30 chunks once with "
+                          "`python -m convert_ckpt dataset --src CHUNKS --dst DIR` (README 'Getting and converting the MT30 dataset')")
+    try:
+        store = open_store(d)
+    except (StoreError, OSError) as e:
+        raise ConfigError(f"--config.data.dataset_dir={d!r}: {e}") from None
+    missing = [MT30_TASKS[t] for t in spec.task_ids if t not in store.tasks or store.episodes(t) == 0]
+    if missing:
+        raise ConfigError(f"--config.data.dataset_dir={d!r} has no episodes for task(s) {missing}")
+    if horizon + 1 > store.episode_length:
+        raise ConfigError(f"--config.alg.horizon={horizon}: windows of H+1 steps exceed the store's episode length {store.episode_length}")
+    nbytes = sum(store.episodes(t) for t in spec.task_ids) * store.episode_length * (store.obs_dim + store.action_dim + 1) * 4
+    mode = config.data.sampler
+    if mode == "auto":
+        mode = "device" if nbytes <= config.data.device_budget_gb * 2**30 else "host"
+    if mode == "device":
+        return "device", load_device_data(store, list(spec.task_ids), episode_subsampling=episode_subsampling,
+                                          seed=spec.seeds[0])
+    return "host", store
+
+
+def _metrics_rows(spec: RunSpec, metrics: dict, first_epoch: int, log_freq: int, elapsed: float) -> list[dict]:
+    """One row per logged epoch per run from the chunk's stacked metrics [N, R]."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}
+    n = next(iter(host.values())).shape[0]
+    rows = []
+    for i in range(n):
+        e = first_epoch + i
+        if e % log_freq:
+            continue
+        for r in range(spec.num_runs):
+            row = {"epoch": e, "task": MT30_TASKS[spec.run_task_ids[r]], "seed": spec.run_seeds[r], "total_time": round(elapsed, 3)}
+            row.update({k: float(v[i, r]) for k, v in host.items()})
+            rows.append(row)
+    return rows
+
+
+def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: Callable | None = None,
+          log: Callable[[str], None] = print) -> dict:
+    """Train every (seed, task) run of `config` in one program; resume from `workdir` if it holds a checkpoint.
+
+    Returns {'results': per-run rows, 'epoch': epochs done}. Raises Preempted after checkpointing on SIGTERM.
+    """
+    import orbax.checkpoint as ocp
+
+    from fmbpo_jax import run_config
+    from fmbpo_jax.envs.evaluate import Evaluator
+
+    run_config.validate(config)
+    spec = run_config.run_spec(config)
+    beh = run_config.behaviours(config)
+    wm_cfg0, _, _ = run_config.model_configs(config)
+    loaded = load_pretrained_wm(config, wm_cfg0)
+    pcfg = run_config.pwm_config(config, loaded[0] if loaded else None)
+    if config.eval.freq % config.chunk_epochs or config.checkpoint_freq % config.chunk_epochs:
+        raise run_config.ConfigError(f"--config.eval.freq={config.eval.freq} and --config.checkpoint_freq={config.checkpoint_freq} "
+                                     f"must be multiples of --config.chunk_epochs={config.chunk_epochs}")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+    precision = run_config.matmul_precision(config)
+    if config.deterministic:
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
+    mode, data = open_data(config, spec, beh["episode_subsampling"], pcfg.horizon)
+
+    keys = run_keys(spec)
+    if pcfg.finetune_wm:
+        frozen_wm = None
+        start_wm = loaded[1] if loaded else None
+    else:
+        frozen_wm = loaded[1] if loaded else wm.init(pcfg.wm, jax.random.PRNGKey(spec.seeds[0]))  # B11 quirk: random frozen WM
+        start_wm = None
+    state = init_runs(pcfg, keys, start_wm)
+    best = {"actor": state["actor"], "return": jnp.full((spec.num_runs,), -jnp.inf, jnp.float32)}
+    if pcfg.finetune_wm:
+        best["wm"] = state["wm"]
+    best = jax.tree_util.tree_map(jnp.array, best)  # own buffers: `state` is donated below
+
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    meta = {"epoch": 0, "last_eval_epoch": -1, "elapsed": 0.0, "evals": []}
+    runlog = RunLog(workdir)
+    if mngr.latest_step() is not None:
+        step = mngr.latest_step()
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            train=ocp.args.StandardRestore({"state": state, "best": best}), meta=ocp.args.JsonRestore()))
+        state, best = restored["train"]["state"], restored["train"]["best"]
+        meta = restored["meta"]
+        runlog.resume_at(meta["epoch"], meta["last_eval_epoch"])
+        log(f"resumed from {workdir} at epoch {meta['epoch']}")
+
+    def save(epoch: int):
+        mngr.save(epoch, args=ocp.args.Composite(train=ocp.args.StandardSave({"state": state, "best": best}),
+                                                 meta=ocp.args.JsonSave(meta)), force=True)
+        mngr.wait_until_finished()
+
+    T = spec.num_tasks
+    run_pos = jnp.asarray(spec.run_task_pos, jnp.int32)
+    run_task = jnp.asarray(spec.run_task_ids, jnp.int32)
+    chunk_fns: dict[int, Callable] = {}
+
+    def chunk_fn(n: int) -> Callable:
+        if n not in chunk_fns:
+            if mode == "device":
+                chunk_fns[n] = make_train_chunk(pcfg, n, config.alg.batch_size, config.alg.wm_batch_size, config.task_chunk)
+            else:
+                chunk_fns[n] = make_train_chunk_host(pcfg, len(spec.seeds), config.alg.batch_size, config.alg.wm_batch_size,
+                                                     config.task_chunk)
+        return chunk_fns[n]
+
+    host_sampler = None
+    if mode == "host":
+        from fmbpo_jax.data.sampler import HostSampler
+
+        per = config.alg.batch_size + (pcfg.wm_iterations * config.alg.wm_batch_size
+                                       if pcfg.finetune_wm and pcfg.wm_updates == "iterations" else 0)
+        host_sampler = HostSampler(data, list(spec.task_ids), batch_size=per * len(spec.seeds), horizon=pcfg.horizon,
+                                   chunk_epochs=config.chunk_epochs, episode_subsampling=beh["episode_subsampling"],
+                                   seed=spec.seeds[0], start=False)
+        host_sampler._next = meta["epoch"] // config.chunk_epochs  # chunk i is a pure function of (seed, i)
+        host_sampler.start()
+
+    evaluator = None
+    policy = make_policy_fn(pcfg, shared_wm=not pcfg.finetune_wm, apply_masks=bool(beh["action_masks"]))
+    if config.eval.episodes > 0:
+        evaluator = EvalThread(Evaluator(policy, list(spec.task_ids), episodes=config.eval.episodes,
+                                         num_workers=config.eval.workers or None, max_steps=config.eval.max_steps),
+                               spec.seeds, config.eval.seed, config.eval.background)
+
+    def bundles_of(snap):
+        out = []
+        for s in range(len(spec.seeds)):
+            sl = lambda x: x[s * T:(s + 1) * T]
+            out.append({"actor": jax.tree_util.tree_map(sl, snap["actor"]),
+                        "wm": frozen_wm if frozen_wm is not None else jax.tree_util.tree_map(sl, snap["wm"])})
+        return out
+
+    def submit_eval(epoch: int):
+        snap = {"actor": jax.tree_util.tree_map(jnp.array, state["actor"])}
+        if pcfg.finetune_wm:
+            snap["wm"] = jax.tree_util.tree_map(jnp.array, state["wm"])
+        evaluator.submit(epoch, bundles_of(snap), snap)
+        meta["last_eval_epoch"] = epoch
+
+    def collect_evals():
+        nonlocal best
+        if evaluator is None:
+            return
+        for _, epoch, results, snap in evaluator.poll():
+            returns = np.concatenate([r.returns.mean(axis=1) for r in results]).astype(np.float32)  # [R], seed-major
+            improved = jnp.asarray(returns) > best["return"]
+            new_best = {"actor": snap["actor"], "return": jnp.asarray(returns)}
+            if "wm" in best:
+                new_best["wm"] = snap["wm"]
+            best = _select_best(best, new_best, improved)
+            rows = []
+            for s, res in enumerate(results):
+                for t in range(T):
+                    rows.append({"epoch": epoch, "task": res.task_names[t], "seed": spec.seeds[s],
+                                 "episode_reward": float(res.returns[t].mean()), "episode_reward_std": float(res.returns[t].std()),
+                                 "episode_success": float(res.successes[t].mean())})
+            runlog.evals(rows)
+            meta["evals"].append({"epoch": epoch, "mean_return": float(returns.mean())})
+            if on_eval:
+                on_eval(rows)
+            log(f"[eval epoch {epoch}] mean return {returns.mean():.1f} over {spec.num_runs} runs")
+
+    epochs = config.epochs
+    epoch = int(meta["epoch"])
+    t_start = time.time() - meta["elapsed"]
+    preempted = False
+    try:
+        with SigtermFlag() as sigterm, jax.default_matmul_precision(precision):
+            if evaluator is not None and epoch % config.eval.freq == 0 and meta["last_eval_epoch"] < epoch:
+                submit_eval(epoch)  # the reference evaluates at i = 0 too
+            while epoch < epochs:
+                n = min(config.chunk_epochs, epochs - epoch)
+                t0 = time.time()
+                if mode == "device":
+                    state, metrics = chunk_fn(n)(state, frozen_wm, data, run_pos, run_task)
+                else:
+                    batches = host_sampler.next_chunk()
+                    if n < config.chunk_epochs:
+                        batches = jax.tree_util.tree_map(lambda x: x[:n], batches)
+                    state, metrics = chunk_fn(n)(state, frozen_wm, batches, run_task)
+                rows = _metrics_rows(spec, metrics, epoch, config.log_freq, time.time() - t_start)
+                epoch += n
+                runlog.metrics(rows)
+                if on_metrics and rows:
+                    on_metrics(rows)
+                streak = np.asarray(state["nan_streak"])
+                if streak.max() >= config.max_nan_skips:
+                    r = int(streak.argmax())
+                    what = "world-model loss/gradients" if float(np.asarray(metrics.get("wm_nan_skips", jnp.zeros(1)))[-1].max()) > 0 \
+                        else "actor loss/gradients"
+                    raise TrainingStopped(f"run {spec.run_name(r)}: {int(streak[r])} consecutive updates skipped for "
+                                          f"non-finite {what} (--config.max_nan_skips={config.max_nan_skips})")
+                dt = time.time() - t0
+                eps = n / max(dt, 1e-9)
+                log(f"[epoch {epoch}/{epochs}] {eps:.2f} epochs/s, {eps * spec.num_runs:.1f} task-epochs/s, "
+                    f"ETA {eta_string((epochs - epoch) / eps)}, actor_loss {float(np.mean(np.asarray(metrics['actor_loss'])[-1])):.4g}")
+                collect_evals()
+                if evaluator is not None and epoch % config.eval.freq == 0 and epoch < epochs:
+                    submit_eval(epoch)
+                meta["epoch"], meta["elapsed"] = epoch, time.time() - t_start
+                if epoch % config.checkpoint_freq == 0 or epoch == epochs or sigterm.flag:
+                    if evaluator is not None:
+                        evaluator.wait()
+                        collect_evals()
+                    save(epoch)
+                if sigterm.flag:
+                    preempted = True
+                    break
+    finally:
+        if host_sampler is not None:
+            host_sampler.close()
+    if preempted:
+        if evaluator is not None:
+            evaluator.close()
+        raise Preempted(f"SIGTERM: checkpointed at epoch {epoch} in {workdir}; rerun the same command to resume")
+
+    results = final_evaluation(config, pcfg, spec, beh, state, best, frozen_wm, evaluator, workdir, log)
+    if evaluator is not None:
+        evaluator.close()
+    mngr.close()
+    return {"results": results, "epoch": epoch}
+
+
+def final_evaluation(config, pcfg, spec, beh, state, best, frozen_wm, evaluator, workdir, log) -> list[dict]:
+    """Final plain and planning evaluations; per-run results CSV and a summary table."""
+    rows = [{"task": MT30_TASKS[spec.run_task_ids[r]], "seed": spec.run_seeds[r], "best_eval_return": float(best["return"][r])}
+            for r in range(spec.num_runs)]
+    if evaluator is not None and config.eval.final:
+        T = spec.num_tasks
+        snap = {"actor": state["actor"]}
+        if pcfg.finetune_wm:
+            snap["wm"] = state["wm"]
+        bundles = []
+        for s in range(len(spec.seeds)):
+            sl = lambda x: x[s * T:(s + 1) * T]
+            bundles.append({"actor": jax.tree_util.tree_map(sl, snap["actor"]),
+                            "wm": frozen_wm if frozen_wm is not None else jax.tree_util.tree_map(sl, snap["wm"])})
+        final = [evaluator.ev.run(b, seed=config.eval.seed + 1) for b in bundles]
+        if beh["planning_eval"] == "mppi":
+            from fmbpo_jax.envs.planner import planning_evaluation
+
+            planning = planning_evaluation(config, pcfg, spec, bundles, state, frozen_wm, pool=evaluator.ev.pool)  # reuse the idle workers
+        else:  # B8: the reference's "planning" number is a second plain evaluation
+            planning = [evaluator.ev.run(b, seed=config.eval.seed + 2) for b in bundles]
+        for s in range(len(spec.seeds)):
+            for t in range(T):
+                r = s * T + t
+                rows[r].update(final_return=float(final[s].returns[t].mean()), final_success=float(final[s].successes[t].mean()),
+                               planning_return=float(planning[s].returns[t].mean()),
+                               planning_success=float(planning[s].successes[t].mean()))
+    write_csv(os.path.join(workdir, "results.csv"), rows)
+    cols = list(rows[0]) if rows else []
+    table = format_table(rows, cols)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    log(table)
+    return rows

@@ -1,0 +1,105 @@
+"""The multitask trainer: vmapped runs equal looped runs, config validation, the NaN guard."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import TINY_TASKS, tiny_config
+from fmbpo_jax import run_config
+from fmbpo_jax.data.sampler import load_device_data
+from fmbpo_jax.envs.tasks import MT30_TASKS
+from fmbpo_jax.train import init_runs, make_train_chunk, run_keys
+from fmbpo_jax import world_model as wm
+
+
+def _train(config, store, tasks, seeds, epochs=6):
+    config = tiny_config(store, tasks=",".join(tasks), seeds=",".join(map(str, seeds)), **config)
+    spec = run_config.run_spec(config)
+    pcfg = run_config.pwm_config(config)
+    data = load_device_data(store, list(spec.task_ids))
+    state = init_runs(pcfg, run_keys(spec))
+    frozen = None if pcfg.finetune_wm else wm.init(pcfg.wm, jax.random.PRNGKey(0))
+    fn = make_train_chunk(pcfg, epochs, config.alg.batch_size, config.alg.wm_batch_size, config.task_chunk)
+    state, metrics = fn(state, frozen, data, jax.numpy.asarray(spec.run_task_pos), jax.numpy.asarray(spec.run_task_ids))
+    return spec, state, metrics
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_vmapped_equals_looped(tiny_store, finetune):
+    """3 tasks (x 2 seeds) trained together give the same params and metrics as each run alone."""
+    over = {"finetune_wm": finetune}
+    spec, state, metrics = _train(over, tiny_store, TINY_TASKS, [1, 2])
+    keys = ["actor", "critic"] + (["wm"] if finetune else [])
+    for r, (task, seed) in enumerate(zip(spec.run_task_ids, spec.run_seeds)):
+        _, alone, m_alone = _train(over, tiny_store, [MT30_TASKS[task]], [seed])
+        for k in ("actor_loss", "value_loss", "actor_grad_norm", "critic_grad_norm") + (("wm_loss",) if finetune else ()):
+            # rtol 1e-5: norms and losses sum thousands of terms whose rounding depends on the batching
+            np.testing.assert_allclose(m_alone[k][:, 0], metrics[k][:, r], atol=1e-6, rtol=1e-5, err_msg=k)
+        a = np.concatenate([np.ravel(x[0]) for x in jax.tree_util.tree_leaves([alone[k] for k in keys])])
+        b = np.concatenate([np.ravel(x[r]) for x in jax.tree_util.tree_leaves([state[k] for k in keys])])
+        err = np.abs(a - b)
+        # Batched and unbatched matmuls round differently (~1e-7). Adam's first steps are ~lr*sign(g), so an entry
+        # whose gradient is ~0 can turn that noise into a visible step: allow 1 in 10^3 entries up to 1e-5.
+        assert np.mean(err > 1e-6) < 1e-3 and err.max() < 1e-5, (spec.run_name(r), err.max(), np.mean(err > 1e-6))
+
+
+def test_task_chunked_equals_vmapped(tiny_store):
+    _, s1, m1 = _train({}, tiny_store, TINY_TASKS, [1, 2], epochs=3)
+    _, s2, m2 = _train({"task_chunk": 2}, tiny_store, TINY_TASKS, [1, 2], epochs=3)
+    np.testing.assert_allclose(m1["actor_loss"], m2["actor_loss"], atol=1e-6, rtol=1e-5)
+    a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s1["critic"])])
+    b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s2["critic"])])
+    assert np.mean(np.abs(a - b) > 1e-6) < 1e-3 and np.abs(a - b).max() < 1e-5
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("tasks", "walker-stand,no-such-task", "--config.tasks: unknown task"),
+    ("epochs", 0, "--config.epochs=0"),
+    ("model.wm_substeps", 0, "--config.model.wm_substeps=0"),
+    ("model.actor_substeps", 0, "--config.model.actor_substeps=0"),
+    ("alg.horizon", 0, "--config.alg.horizon=0"),
+    ("alg.critic_batches", 3, "--config.alg.critic_batches=3"),
+    ("preset", "nope", "--config.preset"),
+    ("world_model", "transformer", "--config.world_model"),
+    ("task_chunk", 4, "--config.task_chunk=4"),
+])
+def test_config_validation_names_the_flag(tiny_store, flag, value, match):
+    c = tiny_config(tiny_store, **{flag: value})
+    with pytest.raises(run_config.ConfigError, match=match):
+        run_config.validate(c)
+
+
+def test_phase_needing_checkpoint_and_dataset_errors(tiny_store):
+    from configs import phase3
+
+    c = phase3.get_config()
+    with pytest.raises(run_config.ConfigError, match="--config.checkpoint"):
+        run_config.validate(c)
+    from fmbpo_jax.train import train
+
+    c = tiny_config(tiny_store, **{"data.dataset_dir": ""})
+    with pytest.raises(run_config.ConfigError, match="convert_ckpt dataset"):
+        train(c, "/tmp/never-used", log=lambda s: None)
+    c = tiny_config(tiny_store, checkpoint="/nonexistent/wm.pt")
+    with pytest.raises(run_config.ConfigError, match="--config.checkpoint"):
+        train(c, "/tmp/never-used", log=lambda s: None)
+
+
+def test_every_phase_config_resolves():
+    import importlib
+
+    for name, arg in [("phase3", "baseline"), ("phase3", "flowpolicy"), ("phase4", None), ("phase5", "euler_fast"),
+                      ("phase6", "fullflow"), ("phase7", "flow_high"), ("phase8", "flow"), ("phase9", "cond3"), ("demo", None)]:
+        mod = importlib.import_module(f"configs.{name}")
+        c = mod.get_config(arg) if arg else mod.get_config()
+        c.checkpoint = "x.pt" if c.checkpoint_required else ""
+        run_config.validate(c)
+        p = run_config.pwm_config(c)
+        assert p.wm.kind == c.world_model and p.actor.kind == c.actor and p.max_epochs == c.epochs
+    c = importlib.import_module("configs.phase6").get_config("fullflow")
+    p = run_config.pwm_config(c)
+    assert (p.wm.substeps, p.actor.substeps, p.wm.units) == (8, 4, (1788, 1788))
+    c.preset = "reference"
+    p = run_config.pwm_config(c)
+    assert p.reward_loss == "mse_bins" and p.wm.velocity_head == "simnorm" and p.terminal_discount == "gamma_h_plus_1"
