@@ -71,7 +71,7 @@ def small_models(small_cfg):
     return mlp, flow, gauss, flow_actor, critic
 
 
-TINY_TASKS = ("cartpole-balance", "reacher-easy", "walker-stand")
+from tiny_cfg import TINY_TASKS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -88,34 +88,11 @@ def tiny_store(tmp_path_factory):
 
 
 def tiny_config(store: str, **overrides):
-    """configs/base.py shrunk to seconds: tiny model, short horizon, few epochs, 1 eval episode of 20 steps."""
-    from configs.base import get_config
+    """tests/tiny_cfg.py (a config that trains in seconds) on `store`, with dotted-key overrides."""
+    from tiny_cfg import get_config
 
     c = get_config()
-    c.name = "tiny"
-    c.tasks = ",".join(TINY_TASKS)
-    c.seeds = "1"
-    c.model.size = "tiny"
-    c.model.task_dim = 8
-    c.model.actor_units = (32, 32)
-    c.model.critic_units = (32, 32)
-    c.alg.batch_size = 16
-    c.alg.horizon = 4
-    c.alg.wm_batch_size = 8
-    c.alg.wm_iterations = 2
-    c.alg.critic_iterations = 2
-    c.alg.critic_batches = 2
-    c.epochs = 20
-    c.chunk_epochs = 5
-    c.log_freq = 5
-    c.checkpoint_freq = 10
-    c.eval.freq = 10
-    c.eval.episodes = 1
-    c.eval.max_steps = 20
-    c.eval.workers = 1
-    c.eval.background = False
     c.data.dataset_dir = store
-    c.data.sampler = "device"
     for k, v in overrides.items():
         node = c
         *path, leaf = k.split(".")
