@@ -1,6 +1,6 @@
 """The embedded default of the main job (configs/demo.py): the whole pipeline on a laptop-sized problem.
 
-1. collect a small MT30-format dataset from real dm_control rollouts (random policy) and convert it;
+1. collect a small dataset from real dm_control rollouts (random policy) into a per-task store;
 2. pretrain a small world model on it (the phase-8 path);
 3. train policies on that frozen WM (the phase-3 path) and jointly with the WM (fine-tuning, the phase-7 path);
 4. evaluate both in the simulator against a uniform random policy and print the table.
@@ -37,19 +37,28 @@ def random_policy(params, obs, task_ids):
 
 
 def collect(config, workdir: str, log: Callable) -> str:
-    """Random-policy rollouts of the demo tasks -> chunk .pt -> per-task store. Returns the store dir."""
-    from convert_ckpt.dataset import convert
-    from fmbpo_jax.data.generate import generate
+    """Random-policy rollouts of the demo tasks straight into a per-task store (no torch, no .pt). Returns its dir."""
+    import hashlib
+
+    from fmbpo_jax.data.generate import generate_chunk
+    from fmbpo_jax.data.store import StoreWriter
     from fmbpo_jax.run_config import parse_tasks
 
     store = os.path.join(workdir, "store")
     if os.path.exists(os.path.join(store, "index.json")):
         return store
-    tasks = [MT30_TASKS[t] for t in parse_tasks(config.tasks)]
-    chunk = os.path.join(workdir, "chunks", "chunk_0.pt")
-    log(f"[demo] collecting {config.demo.episodes_per_task} random episodes x {len(tasks)} tasks")
-    generate(chunk, tasks, config.demo.episodes_per_task, episode_length=config.demo.episode_length, seed=config.pretrain.seed)
-    convert([chunk], store, episode_length=config.demo.episode_length, log=lambda *a, **k: None)
+    tids = list(parse_tasks(config.tasks))
+    L = config.demo.episode_length
+    log(f"[demo] collecting {config.demo.episodes_per_task} random episodes x {len(tids)} tasks in dm_control")
+    seq = [t for t in tids for _ in range(config.demo.episodes_per_task)]
+    arrays = generate_chunk(seq, seed=config.pretrain.seed, episode_length=L)
+    tag = hashlib.sha256(repr((seq, config.pretrain.seed, L)).encode()).hexdigest()
+    with StoreWriter(store, episode_length=L, obs_dim=arrays["obs"].shape[-1], action_dim=arrays["action"].shape[-1]) as w:
+        src = w.begin_source("demo_random_rollouts", tag, None, {"policy": "uniform random"})
+        for t in tids:
+            sel = arrays["task"][:, 0] == t
+            w.add_episodes(src, t, arrays["obs"][sel], arrays["action"][sel], arrays["reward"][sel])
+        w.commit()
     return store
 
 
