@@ -51,7 +51,6 @@ def parse_like_main(argv: list[str]):
 
 def _runs_of(jobs):
     """Every (variant, epochs, seed, task) the jobs really train, read back through the trainer's own RunSpec."""
-    import jax
     import numpy as np
 
     from fmbpo_jax import run_config
