@@ -60,10 +60,9 @@ def main(argv):
 
     config = _CONFIG.value
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it renames at INFO
-    if _MULTIHOST.value:
-        import jax
+    from fmbpo_jax import sharding
 
-        jax.distributed.initialize()
+    sharding.initialize_distributed(_MULTIHOST.value)  # also when SLURM / a TPU slice runs several processes
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     sink = WandbSink(config, _WANDB.value, workdir)
     try:

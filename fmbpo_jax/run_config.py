@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 from configs.base import SIZES, apply_size
 from fmbpo_jax import presets, pwm
 from fmbpo_jax.actors import ActorConfig
@@ -172,11 +170,3 @@ def run_spec(config) -> RunSpec:
 def matmul_precision(config) -> str:
     """jax.default_matmul_precision value for --config.precision."""
     return {"float32": "highest", "tf32": "tensorfloat32", "bf16": "bfloat16"}[config.precision]
-
-
-def check_devices(spec: RunSpec, task_chunk: int) -> None:
-    """The run axis must be usable on the local devices (padding for sharding is the scale-out issue's job)."""
-    n = jax.local_device_count()
-    if n > 1 and spec.num_runs % n and task_chunk == 0:
-        # single-program runs use one device; say so rather than silently idling the others
-        print(f"note: {n} devices visible, {spec.num_runs} runs; this build trains on one device")

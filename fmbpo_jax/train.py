@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmbpo_jax import actors, nets, pwm
+from fmbpo_jax import actors, nets, pwm, sharding
 from fmbpo_jax import world_model as wm
 from fmbpo_jax.data.sampler import WindowData
 from fmbpo_jax.envs.tasks import ACTION_DIMS_BY_ID, MAX_ACTION_DIM, MT30_TASKS
@@ -112,7 +112,8 @@ def make_train_chunk(cfg: pwm.PWMConfig, num_epochs: int, batch_size: int, wm_ba
     return jax.jit(chunk, donate_argnums=(0,))
 
 
-def make_train_chunk_host(cfg: pwm.PWMConfig, num_seeds: int, batch_size: int, wm_batch_size: int, task_chunk: int = 0) -> Callable:
+def make_train_chunk_host(cfg: pwm.PWMConfig, num_seeds: int, batch_size: int, wm_batch_size: int, task_chunk: int = 0,
+                          pad_index: np.ndarray | None = None) -> Callable:
     """Host-fed variant: jit(state, frozen_wm, batches, run_task) with batches from the HostSampler.
 
     batches: obs [N, T, S*(B + I*Bw), H+1, O] (batch-major, as the sampler gives them): window block s of
@@ -138,6 +139,8 @@ def make_train_chunk_host(cfg: pwm.PWMConfig, num_seeds: int, batch_size: int, w
     def chunk(state, frozen_wm, batches, run_task):
         def body(st, b):
             runs_b = {k: to_runs(b[k]) for k in ("obs", "action", "reward")}
+            if pad_index is not None:  # dummy runs (sharding padding) reuse a real run's batch
+                runs_b = {k: v[pad_index] for k, v in runs_b.items()}
             f = lambda s, bb, t: one(s, frozen_wm, bb, t)
             if task_chunk:
                 return jax.lax.map(lambda xs: f(*xs), (st, runs_b, run_task), batch_size=task_chunk)
@@ -452,6 +455,11 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
     if pcfg.finetune_wm:
         best["wm"] = state["wm"]
     best = jax.tree_util.tree_map(jnp.array, best)  # own buffers: `state` is donated below
+    # The run axis is sharded over the local devices ('task' mesh axis), padded with dummy runs to a multiple
+    # of the device count; checkpoints hold only the R real runs and restore onto any device count.
+    mesh = sharding.make_mesh()
+    R = spec.num_runs
+    best = jax.device_put(best, sharding.unpadded_sharding(mesh, R))
 
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
@@ -460,29 +468,41 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
     if mngr.latest_step() is not None:
         step = mngr.latest_step()
         restored = mngr.restore(step, args=ocp.args.Composite(
-            train=ocp.args.StandardRestore({"state": state, "best": best}), meta=ocp.args.JsonRestore()))
+            train=ocp.args.StandardRestore(sharding.restore_target({"state": state, "best": best}, mesh)),
+            meta=ocp.args.JsonRestore()))
         state, best = restored["train"]["state"], restored["train"]["best"]
         meta = restored["meta"]
         runlog.resume_at(meta["epoch"], meta["last_eval_epoch"])
         log(f"resumed from {workdir} at epoch {meta['epoch']}")
 
+    state, _ = sharding.pad_runs(state, mesh)
+    (run_pos_np, run_task_np), _ = sharding.pad_runs(
+        (np.asarray(spec.run_task_pos, np.int32), np.asarray(spec.run_task_ids, np.int32)), mesh)
+    if frozen_wm is not None:
+        frozen_wm = sharding.put_replicated(frozen_wm, mesh)
+    if mode == "device":
+        data = sharding.put_replicated(data, mesh)
+
     def save(epoch: int):
-        mngr.save(epoch, args=ocp.args.Composite(train=ocp.args.StandardSave({"state": state, "best": best}),
+        real = sharding.unpad(state, R, mesh=mesh)
+        mngr.save(epoch, args=ocp.args.Composite(train=ocp.args.StandardSave({"state": real, "best": best}),
                                                  meta=ocp.args.JsonSave(meta)), force=True)
         mngr.wait_until_finished()
 
     T = spec.num_tasks
-    run_pos = jnp.asarray(spec.run_task_pos, jnp.int32)
-    run_task = jnp.asarray(spec.run_task_ids, jnp.int32)
+    run_pos = sharding.put_runs(jnp.asarray(run_pos_np), mesh)
+    run_task = sharding.put_runs(jnp.asarray(run_task_np), mesh)
     chunk_fns: dict[int, Callable] = {}
 
     def chunk_fn(n: int) -> Callable:
         if n not in chunk_fns:
             if mode == "device":
-                chunk_fns[n] = make_train_chunk(pcfg, n, config.alg.batch_size, config.alg.wm_batch_size, config.task_chunk)
+                chunk_fns[n] = sharding.shard_chunk_fn(
+                    make_train_chunk(pcfg, n, config.alg.batch_size, config.alg.wm_batch_size, config.task_chunk), mesh)
             else:
-                chunk_fns[n] = make_train_chunk_host(pcfg, len(spec.seeds), config.alg.batch_size, config.alg.wm_batch_size,
-                                                     config.task_chunk)
+                chunk_fns[n] = sharding.shard_chunk_fn_host(
+                    make_train_chunk_host(pcfg, len(spec.seeds), config.alg.batch_size, config.alg.wm_batch_size,
+                                          config.task_chunk, pad_index=sharding.pad_index(R, mesh)), mesh)
         return chunk_fns[n]
 
     host_sampler = None
@@ -513,9 +533,8 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
         return out
 
     def submit_eval(epoch: int):
-        snap = {"actor": jax.tree_util.tree_map(jnp.array, state["actor"])}
-        if pcfg.finetune_wm:
-            snap["wm"] = jax.tree_util.tree_map(jnp.array, state["wm"])
+        # unpad() builds new arrays (a snapshot): the donated state cannot change them
+        snap = sharding.unpad({"actor": state["actor"], **({"wm": state["wm"]} if pcfg.finetune_wm else {})}, R, mesh=mesh)
         evaluator.submit(epoch, bundles_of(snap), snap)
         meta["last_eval_epoch"] = epoch
 
@@ -560,12 +579,13 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
                     if n < config.chunk_epochs:
                         batches = jax.tree_util.tree_map(lambda x: x[:n], batches)
                     state, metrics = chunk_fn(n)(state, frozen_wm, batches, run_task)
+                metrics = sharding.unpad(jax.device_get(metrics), R, axis=1)
                 rows = _metrics_rows(spec, metrics, epoch, config.log_freq, time.time() - t_start)
                 epoch += n
                 runlog.metrics(rows)
                 if on_metrics and rows:
                     on_metrics(rows)
-                streak = np.asarray(state["nan_streak"])
+                streak = np.asarray(state["nan_streak"])[:R]
                 if streak.max() >= config.max_nan_skips:
                     r = int(streak.argmax())
                     what = "world-model loss/gradients" if float(np.asarray(metrics.get("wm_nan_skips", jnp.zeros(1)))[-1].max()) > 0 \
@@ -596,7 +616,8 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
             evaluator.close()
         raise Preempted(f"SIGTERM: checkpointed at epoch {epoch} in {workdir}; rerun the same command to resume")
 
-    results = final_evaluation(config, pcfg, spec, beh, state, best, frozen_wm, evaluator, workdir, log)
+    results = final_evaluation(config, pcfg, spec, beh, sharding.unpad(state, R, mesh=mesh), best, frozen_wm, evaluator,
+                               workdir, log)
     if evaluator is not None:
         evaluator.close()
     mngr.close()
