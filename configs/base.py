@@ -130,6 +130,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.precision = "float32"  # 'float32' (full-precision matmuls) | 'tf32' (default matmul precision) | 'bf16'
     c.deterministic = False  # XLA deterministic ops on GPU (slower)
     c.max_nan_skips = 100  # stop when a run skipped this many consecutive updates for NaN/Inf
+    # ---- diagnostics (fmbpo_jax.diagnostics; off by default): written to diagnostics.jsonl
+    c.diagnostics = ml_collections.ConfigDict()
+    c.diagnostics.freq = 0  # >0: every N epochs (a multiple of chunk_epochs), device sampler only
+    c.diagnostics.num_groups = 8  # actor-gradient groups for the ESNR (divides alg.batch_size; = batch_size: per sample)
+    c.diagnostics.num_probes = 4  # random VJP probes for the WM Jacobian proxies
+    c.diagnostics.jac_samples = 64  # start latents used for the Jacobian proxies
     c.wandb = ml_collections.ConfigDict()
     c.wandb.project = "fmbpo_jax"
     c.wandb.entity = ""

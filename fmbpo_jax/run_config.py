@@ -106,6 +106,11 @@ def validate(config) -> None:
     need(config.chunk_epochs > 0, f"--config.chunk_epochs={config.chunk_epochs}: must be > 0")
     need(config.log_freq > 0, f"--config.log_freq={config.log_freq}: must be > 0")
     need(config.eval.freq > 0, f"--config.eval.freq={config.eval.freq}: must be > 0")
+    d = config.diagnostics
+    need(d.freq >= 0 and d.freq % config.chunk_epochs == 0,
+         f"--config.diagnostics.freq={d.freq}: must be 0 (off) or a multiple of --config.chunk_epochs={config.chunk_epochs}")
+    need(d.freq == 0 or (d.num_groups >= 2 and config.alg.batch_size % d.num_groups == 0),
+         f"--config.diagnostics.num_groups={d.num_groups}: must be >= 2 and divide --config.alg.batch_size={config.alg.batch_size}")
     need(config.precision in ("float32", "tf32", "bf16"), f"--config.precision={config.precision!r}: use float32 | tf32 | bf16")
     need(config.data.sampler in ("auto", "device", "host"), f"--config.data.sampler={config.data.sampler!r}: use auto | device | host")
     need(config.model.size in SIZES or config.model.size == "custom",

@@ -151,6 +151,27 @@ def make_train_chunk_host(cfg: pwm.PWMConfig, num_seeds: int, batch_size: int, w
     return jax.jit(chunk, donate_argnums=(0,))
 
 
+def make_diagnostics_fn(cfg: pwm.PWMConfig, batch_size: int, num_groups: int, num_probes: int, jac_samples: int) -> Callable:
+    """jit(state [R], frozen_wm | None, data, run_pos [R], run_task [R]) -> {name: [R]} diagnostics; state not donated.
+
+    Each run samples a fresh batch from a key folded off its own stream, so training is unchanged by diagnostics.
+    """
+    from fmbpo_jax import diagnostics
+
+    def one(st, frozen_wm, data, pos, task):
+        k_batch, k_diag = jax.random.split(jax.random.fold_in(st["key"], 0x0D1A6))
+        batch = sample_run(data, pos, k_batch, batch_size, cfg.horizon)
+        batch["task"] = task
+        inner = {k: v for k, v in st.items() if k not in ("key", "nan_streak")}
+        return diagnostics.epoch_diagnostics(cfg, inner, batch, k_diag, frozen_wm, num_groups=num_groups,
+                                             num_probes=num_probes, max_jac_samples=jac_samples)
+
+    def all_runs(state, frozen_wm, data, run_pos, run_task):
+        return jax.vmap(lambda st, pos, task: one(st, frozen_wm, data, pos, task))(state, run_pos, run_task)
+
+    return jax.jit(all_runs)
+
+
 def make_policy_fn(cfg: pwm.PWMConfig, shared_wm: bool, apply_masks: bool) -> Callable:
     """Deterministic evaluation policy for the batched evaluator.
 
@@ -194,6 +215,7 @@ class RunLog:
     def __init__(self, workdir: str):
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.eval_path = os.path.join(workdir, "eval.jsonl")
+        self.diag_path = os.path.join(workdir, "diagnostics.jsonl")
 
     @staticmethod
     def _truncate(path: str, keep: Callable[[dict], bool]) -> None:
@@ -211,6 +233,7 @@ class RunLog:
     def resume_at(self, epoch: int, last_eval_epoch: int) -> None:
         self._truncate(self.metrics_path, lambda r: r["epoch"] < epoch)
         self._truncate(self.eval_path, lambda r: r["epoch"] <= last_eval_epoch)
+        self._truncate(self.diag_path, lambda r: r["epoch"] <= epoch)
 
     @staticmethod
     def _append(path: str, rows: list[dict]) -> None:
@@ -220,6 +243,9 @@ class RunLog:
                     f.write(json.dumps(r) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+
+    def diagnostics(self, rows):
+        self._append(self.diag_path, rows)
 
     def metrics(self, rows):
         self._append(self.metrics_path, rows)
@@ -505,6 +531,13 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
                                           config.task_chunk, pad_index=sharding.pad_index(R, mesh)), mesh)
         return chunk_fns[n]
 
+    diag_fn = None
+    if config.diagnostics.freq:
+        if mode != "device":
+            raise run_config.ConfigError("--config.diagnostics.freq needs --config.data.sampler=device (in-program sampling)")
+        d = config.diagnostics
+        diag_fn = make_diagnostics_fn(pcfg, config.alg.batch_size, d.num_groups, d.num_probes, d.jac_samples)
+
     host_sampler = None
     if mode == "host":
         from fmbpo_jax.data.sampler import HostSampler
@@ -583,6 +616,10 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
                 rows = _metrics_rows(spec, metrics, epoch, config.log_freq, time.time() - t_start)
                 epoch += n
                 runlog.metrics(rows)
+                if diag_fn is not None and epoch % config.diagnostics.freq == 0:
+                    diag = _metrics_rows(spec, {k: v[None] for k, v in diag_fn(state, frozen_wm, data, run_pos, run_task).items()},
+                                         epoch, 1, time.time() - t_start)
+                    runlog.diagnostics(diag)
                 if on_metrics and rows:
                     on_metrics(rows)
                 streak = np.asarray(state["nan_streak"])[:R]

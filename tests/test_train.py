@@ -103,3 +103,14 @@ def test_every_phase_config_resolves():
     c.preset = "reference"
     p = run_config.pwm_config(c)
     assert p.reward_loss == "mse_bins" and p.wm.velocity_head == "simnorm" and p.terminal_discount == "gamma_h_plus_1"
+
+
+def test_diagnostics_written_every_n_epochs(tiny_store, tmp_path):
+    from fmbpo_jax.train import read_jsonl, train
+
+    c = tiny_config(tiny_store, epochs=10, **{"diagnostics.freq": 5, "diagnostics.num_groups": 4, "eval.episodes": 0})
+    train(c, str(tmp_path / "run"), log=lambda s: None)
+    rows = read_jsonl(str(tmp_path / "run" / "diagnostics.jsonl"))
+    assert sorted({r["epoch"] for r in rows}) == [5, 10] and len(rows) == 2 * 3
+    for r in rows:
+        assert np.isfinite(r["actor_esnr_db"]) and r["wm_jac_z"] > 0 and r["wm_jac_a"] > 0, r
