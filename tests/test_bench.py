@@ -1,0 +1,84 @@
+"""The benchmark CLI (issue 9): fields of a real tiny run, and the analytic FLOP model's scaling.
+
+Speed itself is never asserted here (DESIGN.md section 4): only that the bench measures and reports.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fmbpo_jax import bench
+from fmbpo_jax.run_config import pwm_config
+
+
+def _flops(variant: str, size: str = "48M", batch: int = 512, mode: str = "policy", **kw) -> dict:
+    cfg = pwm_config(bench.build_config(size, variant, **kw))
+    return bench.epoch_flops(cfg, batch, 256, mode)
+
+
+def test_dense_flops_formula():
+    dims = bench.mlp_dims(10, [20], 3)
+    assert dims == [(10, 20), (20, 3)]
+    fwd = 2 * 5 * (10 * 20 + 20 * 3)
+    assert bench.dense_flops(5, dims) == fwd
+    assert bench.dense_flops(5, dims, dw=True, dx=True) == 3 * fwd  # backward = 2x forward
+    assert bench.dense_flops(5, dims, dw=True, dx=True, dx_first_cols=0) == 3 * fwd - 2 * 5 * 10 * 20
+    assert bench.dense_flops(5, dims, fwd=False, dx=True, dx_first_cols=4) == 2 * 5 * (4 * 20 + 20 * 3)
+
+
+def test_epoch_flops_scaling():
+    for v in ("baseline-frozen", "baseline-finetune", "fullflow-finetune-k8k4"):
+        one, two = _flops(v, batch=512), _flops(v, batch=1024)
+        assert two["needed"] == pytest.approx(2 * one["needed"], rel=1e-12)  # doubling the batch doubles FLOPs
+        assert two["naive"] == pytest.approx(2 * one["naive"], rel=1e-12)
+        assert 0 < one["needed"] <= one["naive"]
+    assert _flops("baseline-frozen")["needed"] < _flops("baseline-finetune")["needed"]  # frozen < fine-tune
+    assert _flops("baseline-frozen")["needed"] < _flops("flowpolicy-frozen")["needed"]
+    assert _flops("fullflow-finetune-k4k2")["needed"] < _flops("fullflow-finetune-k8k4")["needed"]  # K8 > K4
+    assert _flops("baseline-finetune")["needed"] < _flops("fullflow-finetune-k4k2")["needed"]
+    assert _flops("baseline-frozen", size="5M")["needed"] < _flops("baseline-frozen")["needed"]
+    # the fixed preset's 8 x 256 WM sequences are 4x the reference's 512
+    ref, fixed = _flops("baseline-finetune"), _flops("baseline-finetune", wm_updates="iterations")
+    assert fixed["parts"]["wm"]["needed"] == pytest.approx(4 * ref["parts"]["wm"]["needed"], rel=1e-12)
+    pre = _flops("wm-pretrain", batch=1024, mode="pretrain")
+    assert set(pre["parts"]) == {"wm"}
+    assert pre["needed"] == pytest.approx(2 * ref["parts"]["wm"]["needed"], rel=1e-12)
+
+
+def test_epoch_flops_48m_matches_issue_magnitudes():
+    """Issue 9: about 765 needed / 1,100 naive GFLOP per frozen-WM epoch; 5,300 / 6,300 full flow (K4/K2), 48M."""
+    frozen, flow = _flops("baseline-frozen"), _flops("fullflow-finetune-k4k2")
+    assert 650e9 < frozen["needed"] < 850e9 and 900e9 < frozen["naive"] < 1200e9
+    assert 4700e9 < flow["needed"] < 5800e9 and 5700e9 < flow["naive"] < 6900e9
+
+
+def test_cli_arguments():
+    a = bench.parse_args(["--variant", "main", "--tasks", "1,30", "--precision", "fp32-highest,bf16", "--remat", "on"])
+    assert a.variants == list(bench.MAIN_VARIANTS) and a.task_counts == [1, 30] and a.precisions == ["fp32-highest", "bf16"]
+    for bad in (["--variant", "nope"], ["--tasks", "31"], ["--precision", "fp8"], ["--remat", "maybe"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+def test_bench_tiny_run_writes_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    res = bench.main(["--variant", "baseline-frozen", "--size", "tiny", "--tasks", "2", "--batch-size", "16",
+                      "--horizon", "4", "--critic-iterations", "1", "--epochs-per-call", "2", "--timed-calls", "1",
+                      "--peak-shape", "256,256,256", "--json", str(out), "--quiet"])
+    data = json.loads(out.read_text())
+    assert data["meta"]["backend"] and data["meta"]["peak"]["fp32-highest"]["best_flops"] > 0
+    assert len(data["rows"]) == len(res["rows"]) == 1
+    row = data["rows"][0]
+    assert "error" not in row, row.get("error")
+    assert (row["variant"], row["size"], row["tasks"], row["runs"], row["precision"]) == ("baseline-frozen", "tiny", 2, 2, "fp32-highest")
+    for k in ("compile_s", "median_s_epoch", "min_s_epoch", "task_epochs_s", "gflop_epoch", "gflop_naive_epoch",
+              "achieved_gflops", "peak_gflops", "mfu"):
+        assert isinstance(row[k], (int, float)) and row[k] > 0, k
+    assert row["min_s_epoch"] <= row["median_s_epoch"]
+    assert row["task_epochs_s"] == pytest.approx(2 / row["median_s_epoch"])
+    assert row["gflop_epoch"] <= row["gflop_naive_epoch"]
+    assert row["peak_mem_gb"] == "n/a" or row["peak_mem_gb"] > 0
+    assert row["remat"] == "off"
+    table = bench.format_rows(data["rows"])
+    assert "baseline-frozen" in table and "median s/ep" in table
