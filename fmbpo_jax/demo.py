@@ -87,10 +87,11 @@ def run_demo(config, workdir: str, log: Callable[[str], None] = print) -> list[d
     for t, task in enumerate(tasks):
         row = {"task": task, "random": float(rnd.returns[t].mean())}
         for name in out:
-            vals = [r["final_return"] for r in out[name] if r["task"] == task]
-            row[name] = float(np.mean(vals))
+            mine = [r for r in out[name] if r["task"] == task]
+            row[name] = float(np.mean([r["final_return"] for r in mine]))
+            row[f"{name}+planning"] = float(np.mean([r["planning_return"] for r in mine]))
         rows.append(row)
-    table = format_table(rows, ["task", "random", "frozen_wm", "joint"])
+    table = format_table(rows, ["task", "random", "frozen_wm", "frozen_wm+planning", "joint", "joint+planning"])
     with open(os.path.join(workdir, "demo_results.md"), "w") as f:
         f.write(table + "\n")
     log("[demo] final evaluation return (mean over episodes and seeds):\n" + table)
