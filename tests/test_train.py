@@ -40,8 +40,8 @@ def test_vmapped_equals_looped(tiny_store, finetune):
         b = np.concatenate([np.ravel(x[r]) for x in jax.tree_util.tree_leaves([state[k] for k in keys])])
         err = np.abs(a - b)
         # Batched and unbatched matmuls round differently (~1e-7). Adam's first steps are ~lr*sign(g), so an entry
-        # whose gradient is ~0 can turn that noise into a visible step: allow 1 in 10^3 entries up to 1e-5.
-        assert np.mean(err > 1e-6) < 1e-3 and err.max() < 1e-5, (spec.run_name(r), err.max(), np.mean(err > 1e-6))
+        # whose gradient is ~0 can turn that noise into a visible step: allow 1 in 10^3 entries up to lr/10 = 5e-5.
+        assert np.mean(err > 1e-6) < 1e-3 and err.max() < 5e-5, (spec.run_name(r), err.max(), np.mean(err > 1e-6))
 
 
 def test_task_chunked_equals_vmapped(tiny_store):
@@ -50,7 +50,7 @@ def test_task_chunked_equals_vmapped(tiny_store):
     np.testing.assert_allclose(m1["actor_loss"], m2["actor_loss"], atol=1e-6, rtol=1e-5)
     a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s1["critic"])])
     b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s2["critic"])])
-    assert np.mean(np.abs(a - b) > 1e-6) < 1e-3 and np.abs(a - b).max() < 1e-5
+    assert np.mean(np.abs(a - b) > 1e-6) < 1e-3 and np.abs(a - b).max() < 5e-5
 
 
 @pytest.mark.parametrize("flag,value,match", [
