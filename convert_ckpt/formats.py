@@ -30,6 +30,7 @@ from fmbpo_jax.torch_mapping import (
     wm_params_from_state_dict,
 )
 from fmbpo_jax.world_model import WMConfig
+from fmbpo_jax.torch_mapping import _torch_name  # the one flax-path -> torch-key rule
 
 Params = dict[str, Any]
 
@@ -165,15 +166,6 @@ def wmmlp_template(in_dim: int, outs: list[int], last_ln: bool, lead: tuple[int,
         tree[str(i)] = layer
         d = o
     return tree
-
-
-def _torch_name(keys: tuple[str, ...]) -> tuple[str, bool]:
-    *mods, leaf = keys
-    if leaf == "kernel":
-        return ".".join(mods + ["weight"]), True
-    if leaf == "scale":
-        return ".".join(mods + ["weight"]), False
-    return ".".join(mods + [leaf]), False
 
 
 def stacked_params_from_named(sd: Mapping[str, Any], template: Params, what: str) -> Params:
