@@ -198,6 +198,17 @@ def make_policy_fn(cfg: pwm.PWMConfig, shared_wm: bool, apply_masks: bool) -> Ca
     return policy
 
 
+def seed_bundles(spec: RunSpec, snap: dict, frozen_wm) -> list[dict]:
+    """Per seed, the evaluation policy's params: {'actor': rows of that seed [T, ...], 'wm': shared or [T, ...]}."""
+    T = spec.num_tasks
+    out = []
+    for s in range(len(spec.seeds)):
+        rows = lambda x: x[s * T:(s + 1) * T]
+        out.append({"actor": jax.tree_util.tree_map(rows, snap["actor"]),
+                    "wm": frozen_wm if frozen_wm is not None else jax.tree_util.tree_map(rows, snap["wm"])})
+    return out
+
+
 @jax.jit
 def _select_best(best: dict, snap: dict, improved: jax.Array) -> dict:
     """Per-run where(improved, snapshot, best) over every leaf [R, ...]."""
@@ -557,18 +568,10 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
                                          num_workers=config.eval.workers or None, max_steps=config.eval.max_steps),
                                spec.seeds, config.eval.seed, config.eval.background)
 
-    def bundles_of(snap):
-        out = []
-        for s in range(len(spec.seeds)):
-            sl = lambda x: x[s * T:(s + 1) * T]
-            out.append({"actor": jax.tree_util.tree_map(sl, snap["actor"]),
-                        "wm": frozen_wm if frozen_wm is not None else jax.tree_util.tree_map(sl, snap["wm"])})
-        return out
-
     def submit_eval(epoch: int):
         # unpad() builds new arrays (a snapshot): the donated state cannot change them
         snap = sharding.unpad({"actor": state["actor"], **({"wm": state["wm"]} if pcfg.finetune_wm else {})}, R, mesh=mesh)
-        evaluator.submit(epoch, bundles_of(snap), snap)
+        evaluator.submit(epoch, seed_bundles(spec, snap, frozen_wm), snap)
         meta["last_eval_epoch"] = epoch
 
     def collect_evals():
@@ -670,11 +673,7 @@ def final_evaluation(config, pcfg, spec, beh, state, best, frozen_wm, evaluator,
         snap = {"actor": state["actor"]}
         if pcfg.finetune_wm:
             snap["wm"] = state["wm"]
-        bundles = []
-        for s in range(len(spec.seeds)):
-            sl = lambda x: x[s * T:(s + 1) * T]
-            bundles.append({"actor": jax.tree_util.tree_map(sl, snap["actor"]),
-                            "wm": frozen_wm if frozen_wm is not None else jax.tree_util.tree_map(sl, snap["wm"])})
+        bundles = seed_bundles(spec, snap, frozen_wm)
         final = [evaluator.ev.run(b, seed=config.eval.seed + 1) for b in bundles]
         if beh["planning_eval"] == "mppi":
             from fmbpo_jax.envs.planner import planning_evaluation

@@ -97,7 +97,7 @@ def test_ret_rms_normalisation():
 
 
 def test_reward_loss_switch_changes_only_reward_part():
-    ref, fix = tiny_cfg("reference"), tiny_cfg("fixed")
+    ref = tiny_cfg("reference")
     p = wm.init(ref.wm, jax.random.key(0))
     b = random_batch(jax.random.key(1))
     t_ref, parts_ref = pwm.wm_loss(ref.wm, p, b["obs"], b["action"], b["reward"], 0, reward_loss="mse_bins")
