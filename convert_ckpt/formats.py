@@ -30,7 +30,7 @@ from fmbpo_jax.torch_mapping import (
     wm_params_from_state_dict,
 )
 from fmbpo_jax.world_model import WMConfig
-from fmbpo_jax.torch_mapping import _torch_name  # the one flax-path -> torch-key rule
+from fmbpo_jax.torch_mapping import _torch_name, check_key_sets  # the one key rule and key check
 
 Params = dict[str, Any]
 
@@ -177,14 +177,7 @@ def stacked_params_from_named(sd: Mapping[str, Any], template: Params, what: str
         name, tr = _torch_name(keys)
         s = tuple(leaf.shape)
         want[name] = (s[:-2] + (s[-1], s[-2]) if tr else s, tr)
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    if missing or unexpected:
-        msg = [f"{what}: keys do not match the expected architecture"]
-        if missing:
-            msg.append(f"missing keys: {missing}")
-        if unexpected:
-            msg.append(f"unexpected keys: {unexpected}")
-        raise StateDictError("; ".join(msg))
+    check_key_sets(sd, want, what)
     values = []
     for name, (shape, tr) in want.items():
         arr = to_numpy(sd[name], f"{what} '{name}'")

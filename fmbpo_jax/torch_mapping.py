@@ -67,14 +67,9 @@ def expected_keys(template: Params, ensemble: bool = False) -> dict[str, tuple[i
     return out
 
 
-def params_from_state_dict(sd: Mapping[str, Any], template: Params, *, what: str = "state_dict", ensemble: bool = False) -> Params:
-    """Build params shaped like `template` (arrays or ShapeDtypeStructs) from a torch state_dict.
-
-    Raises StateDictError listing missing keys, unexpected keys, or a shape mismatch (key, expected, found).
-    """
-    want = expected_keys(template, ensemble)
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
+def check_key_sets(have, want, what: str) -> None:
+    """One StateDictError listing the missing and the unexpected keys of a state_dict (`have` vs `want`)."""
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or unexpected:
         msg = [f"{what}: keys do not match the expected architecture"]
         if missing:
@@ -82,6 +77,15 @@ def params_from_state_dict(sd: Mapping[str, Any], template: Params, *, what: str
         if unexpected:
             msg.append(f"unexpected keys: {unexpected}")
         raise StateDictError("; ".join(msg))
+
+
+def params_from_state_dict(sd: Mapping[str, Any], template: Params, *, what: str = "state_dict", ensemble: bool = False) -> Params:
+    """Build params shaped like `template` (arrays or ShapeDtypeStructs) from a torch state_dict.
+
+    Raises StateDictError listing missing keys, unexpected keys, or a shape mismatch (key, expected, found).
+    """
+    want = expected_keys(template, ensemble)
+    check_key_sets(sd, want, what)
     arrays = {}
     for key, shape in want.items():
         arr = np.asarray(sd[key])
