@@ -89,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.dataset_dir = ""  # per-task store written by `python -m convert_ckpt dataset`
     c.data.sampler = "auto"  # 'device' (whole store on the accelerator) | 'host' (mmap + prefetch) | 'auto'
     c.data.device_budget_gb = 20.0  # 'auto' picks 'device' when the selected tasks fit this budget
+    c.data.host_threads = 2  # 'host' sampler: gather threads (numpy releases the GIL; 2 keep up with ~260 epochs/s on 2 cores)
 
     # ---- evaluation
     c.eval = ml_collections.ConfigDict()

@@ -113,6 +113,7 @@ def validate(config) -> None:
          f"--config.diagnostics.num_groups={d.num_groups}: must be >= 2 and divide --config.alg.batch_size={config.alg.batch_size}")
     need(config.precision in ("float32", "tf32", "bf16"), f"--config.precision={config.precision!r}: use float32 | tf32 | bf16")
     need(config.data.sampler in ("auto", "device", "host"), f"--config.data.sampler={config.data.sampler!r}: use auto | device | host")
+    need(config.data.host_threads >= 1, f"--config.data.host_threads={config.data.host_threads}: must be >= 1")
     need(config.model.size in SIZES or config.model.size == "custom",
          f"--config.model.size={config.model.size!r}: known sizes {sorted(SIZES)} or 'custom'")
     if config.checkpoint_required and not config.checkpoint:

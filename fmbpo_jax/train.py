@@ -557,9 +557,8 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
                                        if pcfg.finetune_wm and pcfg.wm_updates == "iterations" else 0)
         host_sampler = HostSampler(data, list(spec.task_ids), batch_size=per * len(spec.seeds), horizon=pcfg.horizon,
                                    chunk_epochs=config.chunk_epochs, episode_subsampling=beh["episode_subsampling"],
-                                   seed=spec.seeds[0], start=False)
-        host_sampler._next = meta["epoch"] // config.chunk_epochs  # chunk i is a pure function of (seed, i)
-        host_sampler.start()
+                                   seed=spec.seeds[0], num_threads=config.data.host_threads,
+                                   first_chunk=meta["epoch"] // config.chunk_epochs)  # chunk i: pure function of (seed, i)
 
     evaluator = None
     policy = make_policy_fn(pcfg, shared_wm=not pcfg.finetune_wm, apply_masks=bool(beh["action_masks"]))

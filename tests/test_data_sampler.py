@@ -208,9 +208,22 @@ def test_host_stream_deterministic_and_thread_independent(store):
     np.testing.assert_array_equal(c0["obs"], HostSampler(store, start=False, **kw).chunk_host(0)["obs"])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_host_stream_resumes_at_first_chunk(store, threads):
+    """A resumed run (first_chunk=k) gets chunks k, k+1, ... exactly, whatever the thread count."""
+    kw = dict(tasks=TASKS, batch_size=8, horizon=4, chunk_epochs=2, seed=3)
+    ref = HostSampler(store, start=False, **kw)
+    for first in (0, 1, 2):
+        with HostSampler(store, num_threads=threads, prefetch=1, first_chunk=first, **kw) as hs:
+            for i in range(first, first + 4):
+                got, want = hs.next_chunk(), ref.chunk_host(i)
+                for k in want:
+                    np.testing.assert_array_equal(np.asarray(got[k]), want[k], err_msg=f"chunk {i} {k}")
+
+
 def test_host_worker_error_surfaces(store):
     hs = HostSampler(store, TASKS, batch_size=4, horizon=2, start=False)
-    hs._views = None  # break the gather
+    hs._rows = None  # break the gather
     hs.start()
     with pytest.raises(RuntimeError, match="worker failed"):
         hs.next_chunk()
