@@ -128,6 +128,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_freq = 100  # log one row per task every N epochs (a multiple of chunk_epochs is exact)
     c.checkpoint_freq = 1000  # epochs between checkpoints (also at the end and on SIGTERM)
     c.task_chunk = 0  # >0: process the run axis in groups of this size with lax.map (memory)
+    c.data_parallel = 1  # devices per run group that split each run's batch (mesh 'data' axis; needs task_chunk=0)
     c.precision = "float32"  # 'float32' (full-precision matmuls) | 'tf32' (default matmul precision) | 'bf16'
     c.deterministic = False  # XLA deterministic ops on GPU (slower)
     c.max_nan_skips = 100  # stop when a run skipped this many consecutive updates for NaN/Inf

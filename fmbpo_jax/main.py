@@ -20,6 +20,19 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "experiment
 _WORKDIR = flags.DEFINE_string("workdir", "", "run directory (checkpoints, logs, results); default runs/<config.name>")
 _WANDB = flags.DEFINE_enum("wandb", "disabled", ["disabled", "offline", "online"], "wandb mode")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() at start-up")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0 (hand-started processes; SLURM/TPU detect it)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "number of processes (with --coordinator)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "this process's index (with --coordinator)")
+
+
+def distributed_kwargs(coordinator: str, num_processes: int, process_id: int) -> dict:
+    """jax.distributed.initialize arguments from the flags: all three or none (clusters detect them)."""
+    given = [bool(coordinator), num_processes > 0, process_id >= 0]
+    if not any(given):
+        return {}
+    if not all(given):
+        raise ValueError("--coordinator, --num_processes and --process_id go together (all three or none)")
+    return {"coordinator_address": coordinator, "num_processes": num_processes, "process_id": process_id}
 
 
 class WandbSink:
@@ -62,7 +75,12 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it renames at INFO
     from fmbpo_jax import sharding
 
-    sharding.initialize_distributed(_MULTIHOST.value)  # also when SLURM / a TPU slice runs several processes
+    try:
+        dist = distributed_kwargs(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sharding.initialize_distributed(_MULTIHOST.value, **dist)  # also when SLURM / a TPU slice runs several processes
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     sink = WandbSink(config, _WANDB.value, workdir)
     try:

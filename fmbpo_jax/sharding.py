@@ -40,7 +40,8 @@ __all__ = [
     "TASK", "DATA", "make_mesh", "runs_spec", "metrics_spec", "run_sharding", "metrics_sharding", "replicated",
     "padded_size", "pad_index", "pad_runs", "unpad", "unpadded_sharding", "restore_target", "put_runs",
     "put_replicated", "shard_chunk_fn", "shard_chunk_fn_host", "constrain_batch", "multihost_requested",
-    "initialize_distributed", "process_run_rows", "global_runs_from_local",
+    "initialize_distributed", "process_run_rows", "global_runs_from_local", "is_multiprocess", "put_global",
+    "host_gather", "batch_spec", "local_rows", "gather_runs",
 ]
 
 
@@ -201,15 +202,23 @@ def shard_chunk_fn(chunk_fn: Callable, mesh: Mesh, donate: bool = True) -> Calla
                    donate_argnums=(0,) if donate else ())
 
 
-def shard_chunk_fn_host(chunk_fn: Callable, mesh: Mesh, donate: bool = True) -> Callable:
-    """The same for `train.make_train_chunk_host`: fn(state, frozen_wm, batches, run_task), batches replicated.
+def batch_spec() -> P:
+    """Run-major host batches [N, R_pad, per, ...]: epochs replicated, runs on 'task' (like the state)."""
+    return P(None, TASK)
 
-    The host-fed chunk builds runs from batches [N, T, S*per, ...] itself, so with padding it must map its
-    R = S*T run batches onto the R_pad state rows (see the README's integration notes: `pad_index`).
+
+def shard_chunk_fn_host(chunk_fn: Callable, mesh: Mesh, donate: bool = True, run_major: bool = False) -> Callable:
+    """The same for `train.make_train_chunk_host`: fn(state, frozen_wm, batches, run_task).
+
+    run_major=False: task-major batches [N, T, S*per, ...] replicated on every device (one process; the chunk
+    maps its R = S*T run batches onto the R_pad state rows with `pad_index`). run_major=True: batches
+    [N, R_pad, per, ...] sharded on 'task' (`batch_spec`), each process feeding only its own rows
+    (multi-process, see `train.local_host_batches`).
     """
     runs, rep = run_sharding(mesh), replicated(mesh)
+    b = NamedSharding(mesh, batch_spec()) if run_major else rep
     return jax.jit(lambda state, frozen_wm, batches, run_task: chunk_fn(state, frozen_wm, batches, run_task),
-                   in_shardings=(runs, rep, rep, runs), out_shardings=(runs, metrics_sharding(mesh)),
+                   in_shardings=(runs, rep, b, runs), out_shardings=(runs, metrics_sharding(mesh)),
                    donate_argnums=(0,) if donate else ())
 
 
@@ -294,3 +303,82 @@ def global_runs_from_local(local_tree: Any, mesh: Mesh, num_runs_padded: int) ->
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), (num_runs_padded,) + np.shape(x)[1:]),
         local_tree)
+
+
+def is_multiprocess() -> bool:
+    return jax.process_count() > 1
+
+
+def put_global(tree: Any, sharding: NamedSharding) -> Any:
+    """Place a pytree that EVERY process holds in full (same values) with `sharding`, which may span processes.
+
+    One process: a plain device_put (device arrays stay on device). Several: the leaves go through host numpy,
+    because one process's committed device array cannot be moved onto other processes' devices; device_put
+    of host data to a global sharding keeps the shards this process addresses.
+    """
+    if not is_multiprocess():
+        return jax.device_put(tree, sharding)
+    return jax.device_put(jax.tree_util.tree_map(np.asarray, tree), sharding)
+
+
+def host_gather(tree: Any) -> Any:
+    """Full numpy values of jax arrays on every process.
+
+    One process: jax.device_get. Several: process_allgather(tiled=True), a collective (every process must call
+    it at the same point), because device_get cannot read shards that live on other processes.
+    """
+    if not is_multiprocess():
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def local_rows(tree: Any) -> tuple[np.ndarray, Any]:
+    """(rows [n], tree of numpy [n, ...]): the leading-axis rows of each leaf that this process's devices hold.
+
+    Leaves must be sharded on axis 0 only (run_sharding / unpadded_sharding); rows replicated on several local
+    devices (the 'data' axis) appear once. rows is sorted and the same for every leaf.
+    """
+    def one(x):
+        blocks = {}
+        for sh in x.addressable_shards:
+            sl = sh.index[0] if sh.index else slice(None)
+            start, stop, _ = sl.indices(x.shape[0])
+            blocks.setdefault(start, (stop, sh.data))
+        starts = sorted(blocks)
+        rows = np.concatenate([np.arange(a, blocks[a][0]) for a in starts])
+        return rows, np.concatenate([np.asarray(blocks[a][1]) for a in starts])
+
+    pairs = [one(x) for x in jax.tree_util.tree_leaves(tree)]
+    if not pairs:
+        raise ValueError("local_rows: empty pytree")
+    rows = pairs[0][0]
+    if any(not np.array_equal(p[0], rows) for p in pairs):
+        raise ValueError("local_rows: leaves are sharded differently")
+    it = iter(p[1] for p in pairs)
+    return rows, jax.tree_util.tree_map(lambda _: next(it), tree)
+
+
+def gather_runs(values: np.ndarray, owned: np.ndarray) -> np.ndarray:
+    """Combine per-run host values that each process computed for its own runs: float64 [..., R] on every process.
+
+    values [..., R] (anything where `owned` is False), owned [R] bool. One process: `values`. Several: allgather
+    and, per run, the value of the first process that owns it (a run held by two processes, e.g. a 'data' axis
+    spanning them, was computed identically by both). The values travel as raw bits: with jax_enable_x64 off
+    a float64 gather would round them to float32.
+    """
+    values = np.ascontiguousarray(values, np.float64)
+    if not is_multiprocess():
+        if not owned.all():
+            raise ValueError(f"gather_runs: runs {np.flatnonzero(~owned).tolist()} have no owner")
+        return values
+    from jax.experimental import multihost_utils
+
+    bits, own = multihost_utils.process_allgather((values.view(np.uint32), owned.astype(np.int32)))  # [P, ..., 2R], [P, R]
+    v = np.ascontiguousarray(bits).view(np.float64)  # [P, ..., R]
+    if (own.sum(0) == 0).any():
+        raise ValueError(f"gather_runs: runs {np.flatnonzero(own.sum(0) == 0).tolist()} have no owner")
+    first = own.argmax(0)  # [R]
+    vm = np.moveaxis(v, 0, -1)  # [..., R, P]
+    return np.take_along_axis(vm, np.broadcast_to(first[:, None], vm.shape[:-1] + (1,)), axis=-1)[..., 0]

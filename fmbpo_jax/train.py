@@ -74,14 +74,20 @@ def sample_run(data: WindowData, pos: jax.Array, key: jax.Array, batch_size: int
     return {"obs": jnp.swapaxes(obs, 0, 1), "action": jnp.swapaxes(act, 0, 1), "reward": jnp.swapaxes(rew, 0, 1)}
 
 
-def _epoch_one_run(cfg: pwm.PWMConfig, batch_size: int, wm_batch_size: int, st: dict, frozen_wm, data, pos, task):
-    """One epoch of one run with in-program sampling. Returns (state, metrics)."""
+def _epoch_one_run(cfg: pwm.PWMConfig, batch_size: int, wm_batch_size: int, st: dict, frozen_wm, data, pos, task,
+                   constrain: Callable | None = None):
+    """One epoch of one run with in-program sampling. Returns (state, metrics).
+
+    constrain: `sharding.constrain_batch(mesh)` to split the batch axis over the mesh's 'data' devices (None: as is).
+    """
     key, k_batch, k_wm, k_update = jax.random.split(st["key"], 4)
     batch = sample_run(data, pos, k_batch, batch_size, cfg.horizon)
     batch["task"] = task
     if cfg.finetune_wm and cfg.wm_updates == "iterations":
         wm_b = jax.vmap(lambda k: sample_run(data, pos, k, wm_batch_size, cfg.horizon))(jax.random.split(k_wm, cfg.wm_iterations))
         batch["wm"] = wm_b
+    if constrain is not None:
+        batch = constrain(batch)
     return _update_one_run(cfg, st, batch, key, k_update, frozen_wm)
 
 
@@ -94,17 +100,34 @@ def _update_one_run(cfg, st, batch, next_key, k_update, frozen_wm):
     return new, metrics
 
 
-def make_train_chunk(cfg: pwm.PWMConfig, num_epochs: int, batch_size: int, wm_batch_size: int, task_chunk: int = 0) -> Callable:
+def _check_constraint(constrain: Callable | None, task_chunk: int) -> None:
+    if constrain is not None and task_chunk:
+        # lax.map's inner vmap has no spmd_axis_name: the constraint would replicate the run axis over 'task'
+        raise ValueError("a batch constraint (mesh 'data' axis > 1, --config.data_parallel) needs --config.task_chunk=0")
+
+
+def _map_runs(f: Callable, args: tuple, task_chunk: int, constrain: Callable | None):
+    """f over the leading run axis of `args`: vmap, lax.map in groups of task_chunk, or vmap with the run axis
+    named 'task' so that a batch constraint inside f keeps the runs sharded on 'task'."""
+    if task_chunk:
+        return jax.lax.map(lambda xs: f(*xs), args, batch_size=task_chunk)
+    if constrain is not None:
+        return jax.vmap(f, spmd_axis_name=sharding.TASK)(*args)
+    return jax.vmap(f)(*args)
+
+
+def make_train_chunk(cfg: pwm.PWMConfig, num_epochs: int, batch_size: int, wm_batch_size: int, task_chunk: int = 0,
+                     constrain: Callable | None = None) -> Callable:
     """jit(state [R], frozen_wm | None, data: WindowData, run_pos [R], run_task [R]) -> (state, metrics [N, R]).
 
     lax.scan over `num_epochs` epochs; per epoch the runs are vmapped (or lax.map'ed in groups of
-    `task_chunk` when memory binds). The state is donated.
+    `task_chunk` when memory binds). The state is donated. constrain: see `_epoch_one_run` (needs task_chunk=0).
     """
+    _check_constraint(constrain, task_chunk)
+
     def epoch_all_runs(state, frozen_wm, data, run_pos, run_task):
-        f = lambda st, pos, task: _epoch_one_run(cfg, batch_size, wm_batch_size, st, frozen_wm, data, pos, task)
-        if task_chunk:
-            return jax.lax.map(lambda xs: f(*xs), (state, run_pos, run_task), batch_size=task_chunk)
-        return jax.vmap(f)(state, run_pos, run_task)
+        f = lambda st, pos, task: _epoch_one_run(cfg, batch_size, wm_batch_size, st, frozen_wm, data, pos, task, constrain)
+        return _map_runs(f, (state, run_pos, run_task), task_chunk, constrain)
 
     def chunk(state, frozen_wm, data, run_pos, run_task):
         return jax.lax.scan(lambda st, _: epoch_all_runs(st, frozen_wm, data, run_pos, run_task), state, None, length=num_epochs)
@@ -113,12 +136,16 @@ def make_train_chunk(cfg: pwm.PWMConfig, num_epochs: int, batch_size: int, wm_ba
 
 
 def make_train_chunk_host(cfg: pwm.PWMConfig, num_seeds: int, batch_size: int, wm_batch_size: int, task_chunk: int = 0,
-                          pad_index: np.ndarray | None = None) -> Callable:
+                          pad_index: np.ndarray | None = None, run_major: bool = False,
+                          constrain: Callable | None = None) -> Callable:
     """Host-fed variant: jit(state, frozen_wm, batches, run_task) with batches from the HostSampler.
 
     batches: obs [N, T, S*(B + I*Bw), H+1, O] (batch-major, as the sampler gives them): window block s of
     each task goes to seed s; within a block the first B windows feed the policy, the rest the WM steps.
+    run_major=True: batches are already per run row, obs [N, R_pad, B + I*Bw, H+1, O] (`local_host_batches`,
+    multi-process), so neither the task->run regrouping nor pad_index applies.
     """
+    _check_constraint(constrain, task_chunk)
     per = batch_size + (cfg.wm_iterations * wm_batch_size if cfg.finetune_wm and cfg.wm_updates == "iterations" else 0)
 
     def to_runs(x):  # [T, S*per, ...] -> [R=S*T, per, ...], seed-major
@@ -134,21 +161,98 @@ def make_train_chunk_host(cfg: pwm.PWMConfig, num_seeds: int, batch_size: int, w
         if per > batch_size:
             split = lambda x: jnp.swapaxes(x[batch_size:].reshape((cfg.wm_iterations, wm_batch_size) + x.shape[1:]), 1, 2)
             batch["wm"] = {k: split(b[k]) for k in ("obs", "action", "reward")}
+        if constrain is not None:
+            batch = constrain(batch)
         return _update_one_run(cfg, st, batch, key, k_update, frozen_wm)
 
     def chunk(state, frozen_wm, batches, run_task):
         def body(st, b):
-            runs_b = {k: to_runs(b[k]) for k in ("obs", "action", "reward")}
-            if pad_index is not None:  # dummy runs (sharding padding) reuse a real run's batch
-                runs_b = {k: v[pad_index] for k, v in runs_b.items()}
+            if run_major:
+                runs_b = {k: b[k] for k in ("obs", "action", "reward")}
+            else:
+                runs_b = {k: to_runs(b[k]) for k in ("obs", "action", "reward")}
+                if pad_index is not None:  # dummy runs (sharding padding) reuse a real run's batch
+                    runs_b = {k: v[pad_index] for k, v in runs_b.items()}
             f = lambda s, bb, t: one(s, frozen_wm, bb, t)
-            if task_chunk:
-                return jax.lax.map(lambda xs: f(*xs), (st, runs_b, run_task), batch_size=task_chunk)
-            return jax.vmap(f)(st, runs_b, run_task)
+            return _map_runs(f, (st, runs_b, run_task), task_chunk, constrain)
 
         return jax.lax.scan(body, state, batches)
 
     return jax.jit(chunk, donate_argnums=(0,))
+
+
+def local_run_layout(spec: RunSpec, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(task position [n], seed index [n]) whose windows feed the padded run rows `rows` [n] of one process.
+
+    Real row r (< R) is run (seed r // T, task r % T). A dummy row (>= R, sharding padding) reuses the first
+    real row among `rows` (run 0 when there is none), so a process reads no task beyond its own runs'.
+    """
+    R, T = spec.num_runs, spec.num_tasks
+    real = rows[rows < R]
+    fill = int(real[0]) if real.size else 0
+    src = np.where(rows < R, rows, fill)
+    return (src % T).astype(np.int64), (src // T).astype(np.int64)
+
+
+def local_host_batches(chunk: dict, gathered: list[int], task_pos: np.ndarray, seed_idx: np.ndarray, num_seeds: int) -> dict:
+    """One process's run-major batches from its HostSampler chunk (numpy).
+
+    chunk: obs [N, Tg, S*per, H+1, O] over the task positions `gathered` (HostSampler gather_tasks); row j of
+    the result is window block seed_idx[j] of task task_pos[j]: obs [N, n, per, H+1, O] (n = len(task_pos)),
+    the same windows the task-major chunk gives that run.
+    """
+    col = np.searchsorted(gathered, task_pos)
+    def one(x):
+        N, Tg, SB = x.shape[:3]
+        x = x.reshape((N, Tg, num_seeds, SB // num_seeds) + x.shape[3:])
+        return x[:, col, seed_idx]
+    return {k: one(chunk[k]) for k in ("obs", "action", "reward")}
+
+
+def eval_groups(spec: RunSpec, rows: np.ndarray) -> list[tuple[int, tuple[int, ...]]]:
+    """[(seed index s, task positions)]: the real runs among `rows` (padded run rows of one process), per seed.
+
+    One process holding every run: [(s, (0..T-1)) for each seed], the evaluator's per-seed layout.
+    """
+    T = spec.num_tasks
+    real = sorted(int(r) for r in rows if r < spec.num_runs)
+    out: dict[int, list[int]] = {}
+    for r in real:
+        out.setdefault(r // T, []).append(r % T)
+    return [(s, tuple(p)) for s, p in out.items()]
+
+
+def group_bundles(spec: RunSpec, groups: list, rows: np.ndarray, local: dict, frozen_wm) -> tuple[list[dict], list]:
+    """(evaluation bundles, critic rows) per group from one process's rows of the run axis.
+
+    local: {'actor': [n, ...], 'critic'?: [n, ...], 'wm'?: [n, ...]} holding run rows `rows` [n] (numpy).
+    bundle i = {'actor': rows of group i [len(pos), ...], 'wm': frozen_wm or its rows}; critic rows likewise
+    (None without 'critic').
+    """
+    where = {int(r): i for i, r in enumerate(rows)}
+    bundles, critics = [], []
+    for s, pos in groups:
+        idx = np.array([where[s * spec.num_tasks + p] for p in pos])
+        take = lambda tree: jax.tree_util.tree_map(lambda x: x[idx], tree)  # noqa: E731
+        bundles.append({"actor": take(local["actor"]), "wm": frozen_wm if frozen_wm is not None else take(local["wm"])})
+        critics.append(take(local["critic"]) if "critic" in local else None)
+    return bundles, critics
+
+
+def per_run_values(spec: RunSpec, groups: list, results: list, fields: list[Callable]) -> tuple[np.ndarray, np.ndarray]:
+    """(values [len(fields), R] float64, owned [R] bool) from one EvalResult per group.
+
+    fields: functions (returns [E], successes [E]) -> float for one task row; runs not in `groups` stay 0.
+    """
+    T = spec.num_tasks
+    vals = np.zeros((len(fields), spec.num_runs), np.float64)
+    owned = np.zeros(spec.num_runs, bool)
+    for (s, pos), res in zip(groups, results):
+        for i, p in enumerate(pos):
+            r = s * T + p
+            vals[:, r] = [f(res.returns[i], res.successes[i]) for f in fields]
+            owned[r] = True
+    return vals, owned
 
 
 def make_diagnostics_fn(cfg: pwm.PWMConfig, batch_size: int, num_groups: int, num_probes: int, jac_samples: int) -> Callable:
@@ -273,10 +377,15 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class EvalThread:
-    """Evaluates params snapshots for every seed in a background thread (one evaluation at a time)."""
+    """Evaluates params snapshots group by group in a background thread (one evaluation at a time).
 
-    def __init__(self, evaluator, seeds: tuple[int, ...], eval_seed: int, background: bool):
-        self.ev = evaluator
+    evs: one Evaluator per task-position tuple of `groups` ([(seed index, task positions)], `eval_groups`); one
+    process holding every run has a single evaluator over all tasks, used for every seed.
+    """
+
+    def __init__(self, evs: dict, groups: list, seeds: tuple[int, ...], eval_seed: int, background: bool):
+        self.evs = evs
+        self.groups = groups
         self.seeds = seeds
         self.eval_seed = eval_seed
         self.background = background
@@ -284,9 +393,14 @@ class EvalThread:
         self._results: list = []
         self._lock = threading.Lock()
 
+    def idle(self) -> bool:
+        """No evaluation running (every submitted one has its result queued)."""
+        return self._thread is None or not self._thread.is_alive()
+
     def _work(self, epoch: int, bundles: list, snap_state: Any, seed_offset: int):
         try:
-            res = [self.ev.run(b, seed=self.eval_seed + seed_offset, tag=(epoch, s)) for s, b in zip(self.seeds, bundles)]
+            res = [self.evs[pos].run(b, seed=self.eval_seed + seed_offset, tag=(epoch, self.seeds[s]))
+                   for (s, pos), b in zip(self.groups, bundles)]
             with self._lock:
                 self._results.append(("ok", epoch, res, snap_state))
         except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
@@ -316,7 +430,8 @@ class EvalThread:
 
     def close(self) -> None:
         self.wait()
-        self.ev.close()
+        for ev in self.evs.values():
+            ev.close()
 
 
 class Preempted(Exception):
@@ -406,8 +521,12 @@ def load_pretrained_wm(config, wm_cfg):
     return ck_cfg, jax.tree_util.tree_map(jnp.asarray, params)
 
 
-def open_data(config, spec: RunSpec, episode_subsampling: str, horizon: int):
-    """The per-task store: ('device', WindowData) or ('host', HostSampler factory)."""
+def open_data(config, spec: RunSpec, episode_subsampling: str, horizon: int, multiprocess: bool = False):
+    """The per-task store: ('device', WindowData) or ('host', Store).
+
+    multiprocess: several JAX processes train this config; only the host sampler splits the data by process
+    (each reads only its own runs' tasks), so 'auto' picks it and 'device' is an error.
+    """
     from fmbpo_jax.data.sampler import load_device_data
     from fmbpo_jax.data.store import StoreError, open_store
     from fmbpo_jax.run_config import ConfigError
@@ -428,7 +547,11 @@ def open_data(config, spec: RunSpec, episode_subsampling: str, horizon: int):
     nbytes = sum(store.episodes(t) for t in spec.task_ids) * store.episode_length * (store.obs_dim + store.action_dim + 1) * 4
     mode = config.data.sampler
     if mode == "auto":
-        mode = "device" if nbytes <= config.data.device_budget_gb * 2**30 else "host"
+        mode = "device" if nbytes <= config.data.device_budget_gb * 2**30 and not multiprocess else "host"
+    if mode == "device" and multiprocess:
+        raise ConfigError("--config.data.sampler=device: a multi-process run needs --config.data.sampler=host (or auto): "
+                          "the device store is replicated on every device, the host sampler reads per process only "
+                          "the tasks of that process's runs")
     if mode == "device":
         return "device", load_device_data(store, list(spec.task_ids), episode_subsampling=episode_subsampling,
                                           seed=spec.seeds[0])
@@ -471,14 +594,24 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
     if config.eval.freq % config.chunk_epochs or config.checkpoint_freq % config.chunk_epochs:
         raise run_config.ConfigError(f"--config.eval.freq={config.eval.freq} and --config.checkpoint_freq={config.checkpoint_freq} "
                                      f"must be multiples of --config.chunk_epochs={config.chunk_epochs}")
+    # Several processes (jax.distributed): each feeds and evaluates only the runs on its devices; metrics and
+    # scores are gathered so every process sees all runs, and only process 0 writes logs and prints.
+    multi = sharding.is_multiprocess()
+    main_process = jax.process_index() == 0
+    if not main_process:
+        log = lambda s: None  # noqa: E731
+    data_parallel = int(config.get("data_parallel", 1) or 1)
+    if data_parallel < 1 or jax.device_count() % data_parallel:
+        raise run_config.ConfigError(f"--config.data_parallel={data_parallel} must divide the device count {jax.device_count()}")
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if main_process:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     precision = run_config.matmul_precision(config)
     if config.deterministic:
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
-    mode, data = open_data(config, spec, beh["episode_subsampling"], pcfg.horizon)
+    mode, data = open_data(config, spec, beh["episode_subsampling"], pcfg.horizon, multiprocess=multi)
 
     keys = run_keys(spec)
     if pcfg.finetune_wm:
@@ -492,11 +625,16 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
     if pcfg.finetune_wm:
         best["wm"] = state["wm"]
     best = jax.tree_util.tree_map(jnp.array, best)  # own buffers: `state` is donated below
-    # The run axis is sharded over the local devices ('task' mesh axis), padded with dummy runs to a multiple
-    # of the device count; checkpoints hold only the R real runs and restore onto any device count.
-    mesh = sharding.make_mesh()
+    # The run axis is sharded over every device of every process ('task' mesh axis), padded with dummy runs to
+    # a multiple of the 'task' size; checkpoints hold only the R real runs and restore onto any device count.
+    # data_parallel > 1 also splits each run's batch over that many devices ('data' axis).
+    mesh = sharding.make_mesh(data=data_parallel)
     R = spec.num_runs
-    best = jax.device_put(best, sharding.unpadded_sharding(mesh, R))
+    R_pad = sharding.padded_size(R, mesh.shape[sharding.TASK])
+    best = sharding.put_global(best, sharding.unpadded_sharding(mesh, R))
+    if multi:  # built identically by every process; pad_runs' jit below needs it as a global array
+        state = sharding.put_global(state, sharding.unpadded_sharding(mesh, R))
+    eval_frozen = frozen_wm  # this process's own copy: evaluation runs per process, outside the mesh
 
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
@@ -509,16 +647,18 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
             meta=ocp.args.JsonRestore()))
         state, best = restored["train"]["state"], restored["train"]["best"]
         meta = restored["meta"]
-        runlog.resume_at(meta["epoch"], meta["last_eval_epoch"])
+        if main_process:
+            runlog.resume_at(meta["epoch"], meta["last_eval_epoch"])
         log(f"resumed from {workdir} at epoch {meta['epoch']}")
 
     state, _ = sharding.pad_runs(state, mesh)
-    (run_pos_np, run_task_np), _ = sharding.pad_runs(
-        (np.asarray(spec.run_task_pos, np.int32), np.asarray(spec.run_task_ids, np.int32)), mesh)
+    (run_pos_np, run_task_np), _ = sharding.pad_runs(  # numpy in, numpy out: placed below
+        (np.asarray(spec.run_task_pos, np.int32), np.asarray(spec.run_task_ids, np.int32)), mesh.shape[sharding.TASK])
     if frozen_wm is not None:
-        frozen_wm = sharding.put_replicated(frozen_wm, mesh)
+        frozen_wm = sharding.put_global(frozen_wm, sharding.replicated(mesh))
     if mode == "device":
         data = sharding.put_replicated(data, mesh)
+    my_rows = sharding.process_run_rows(mesh, R_pad)  # padded run rows on this process's devices
 
     def save(epoch: int):
         real = sharding.unpad(state, R, mesh=mesh)
@@ -527,19 +667,25 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
         mngr.wait_until_finished()
 
     T = spec.num_tasks
-    run_pos = sharding.put_runs(jnp.asarray(run_pos_np), mesh)
-    run_task = sharding.put_runs(jnp.asarray(run_task_np), mesh)
+    run_pos = sharding.put_global(run_pos_np, sharding.run_sharding(mesh))
+    run_task = sharding.put_global(run_task_np, sharding.run_sharding(mesh))
     chunk_fns: dict[int, Callable] = {}
+    constrain = sharding.constrain_batch(mesh) if data_parallel > 1 else None
+    if constrain is not None and config.task_chunk:
+        raise run_config.ConfigError(f"--config.data_parallel={data_parallel} needs --config.task_chunk=0 "
+                                     f"(got {config.task_chunk})")
 
     def chunk_fn(n: int) -> Callable:
         if n not in chunk_fns:
             if mode == "device":
                 chunk_fns[n] = sharding.shard_chunk_fn(
-                    make_train_chunk(pcfg, n, config.alg.batch_size, config.alg.wm_batch_size, config.task_chunk), mesh)
+                    make_train_chunk(pcfg, n, config.alg.batch_size, config.alg.wm_batch_size, config.task_chunk,
+                                     constrain=constrain), mesh)
             else:
                 chunk_fns[n] = sharding.shard_chunk_fn_host(
                     make_train_chunk_host(pcfg, len(spec.seeds), config.alg.batch_size, config.alg.wm_batch_size,
-                                          config.task_chunk, pad_index=sharding.pad_index(R, mesh)), mesh)
+                                          config.task_chunk, pad_index=sharding.pad_index(R, mesh), run_major=multi,
+                                          constrain=constrain), mesh, run_major=multi)
         return chunk_fns[n]
 
     diag_fn = None
@@ -555,42 +701,84 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
 
         per = config.alg.batch_size + (pcfg.wm_iterations * config.alg.wm_batch_size
                                        if pcfg.finetune_wm and pcfg.wm_updates == "iterations" else 0)
+        # multi-process: gather only the tasks of this process's rows, on the host; `next_batches` builds the
+        # global run-major arrays from them (one process: the sampler's task-major chunks, already on device)
+        my_pos, my_seed = local_run_layout(spec, my_rows)
+        gathered = sorted(set(my_pos.tolist()))
         host_sampler = HostSampler(data, list(spec.task_ids), batch_size=per * len(spec.seeds), horizon=pcfg.horizon,
                                    chunk_epochs=config.chunk_epochs, episode_subsampling=beh["episode_subsampling"],
                                    seed=spec.seeds[0], num_threads=config.data.host_threads,
-                                   first_chunk=meta["epoch"] // config.chunk_epochs)  # chunk i: pure function of (seed, i)
+                                   first_chunk=meta["epoch"] // config.chunk_epochs,  # chunk i: pure function of (seed, i)
+                                   to_device=not multi, gather_tasks=gathered if multi else None)
+
+    def next_batches(n: int) -> dict:
+        """The next host chunk trimmed to n epochs; multi-process: run-major global arrays [n, R_pad, per, ...]."""
+        batches = host_sampler.next_chunk()
+        if n < config.chunk_epochs:
+            batches = jax.tree_util.tree_map(lambda x: x[:n], batches)
+        if not multi:
+            return batches
+        local = local_host_batches(batches, gathered, my_pos, my_seed, len(spec.seeds))
+        bs = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
+        return {k: jax.make_array_from_process_local_data(bs, v, (n, R_pad) + v.shape[2:]) for k, v in local.items()}
 
     evaluator = None
     policy = make_policy_fn(pcfg, shared_wm=not pcfg.finetune_wm, apply_masks=bool(beh["action_masks"]))
+    # One process: one evaluator over all tasks, used per seed. Several: each evaluates only its own runs, with
+    # one evaluator per distinct task subset among its seeds; the scores are gathered (`gather_runs`).
+    groups = eval_groups(spec, my_rows) if multi else [(s, tuple(range(T))) for s in range(len(spec.seeds))]
     if config.eval.episodes > 0:
-        evaluator = EvalThread(Evaluator(policy, list(spec.task_ids), episodes=config.eval.episodes,
-                                         num_workers=config.eval.workers or None, max_steps=config.eval.max_steps),
-                               spec.seeds, config.eval.seed, config.eval.background)
+        evs = {pos: Evaluator(policy, [spec.task_ids[p] for p in pos], episodes=config.eval.episodes,
+                              num_workers=config.eval.workers or None, max_steps=config.eval.max_steps)
+               for pos in dict.fromkeys(pos for _, pos in groups)}
+        evaluator = EvalThread(evs, groups, spec.seeds, config.eval.seed, config.eval.background)
+
+    def my_bundles(tree: dict) -> tuple[list[dict], list]:
+        """(bundles, critic rows) of `groups`; tree: padded run-axis leaves (global arrays), copied to host."""
+        rows, local = sharding.local_rows(tree)
+        assert np.array_equal(rows, my_rows), (rows, my_rows)
+        return group_bundles(spec, groups, rows, local, eval_frozen)
 
     def submit_eval(epoch: int):
         # unpad() builds new arrays (a snapshot): the donated state cannot change them
         snap = sharding.unpad({"actor": state["actor"], **({"wm": state["wm"]} if pcfg.finetune_wm else {})}, R, mesh=mesh)
-        evaluator.submit(epoch, seed_bundles(spec, snap, frozen_wm), snap)
+        if multi:
+            bundles = my_bundles({"actor": state["actor"], **({"wm": state["wm"]} if pcfg.finetune_wm else {})})[0]
+        else:
+            bundles = seed_bundles(spec, snap, frozen_wm)
+        evaluator.submit(epoch, bundles, snap)
         meta["last_eval_epoch"] = epoch
+
+    def all_processes(flag: bool, how: Callable) -> bool:
+        """`how` (any/all) of a flag over the processes: a collective, so every process takes the same branch."""
+        if not multi:
+            return flag
+        from jax.experimental import multihost_utils
+
+        return bool(how(multihost_utils.process_allgather(np.asarray(flag))))
 
     def collect_evals():
         nonlocal best
         if evaluator is None:
             return
+        # the gathers below are collectives: every process must poll the same evaluations, so wait for all
+        if multi and not all_processes(evaluator.idle(), np.all):
+            return
         for _, epoch, results, snap in evaluator.poll():
-            returns = np.concatenate([r.returns.mean(axis=1) for r in results]).astype(np.float32)  # [R], seed-major
-            improved = jnp.asarray(returns) > best["return"]
-            new_best = {"actor": snap["actor"], "return": jnp.asarray(returns)}
+            vals, owned = per_run_values(spec, groups, results, [lambda r, su: r.mean(), lambda r, su: r.std(),
+                                                                  lambda r, su: su.mean()])
+            vals = sharding.gather_runs(vals, owned)  # [3, R] mean, std, success per run, seed-major
+            returns = vals[0].astype(np.float32)
+            ret_dev = sharding.put_global(returns, best["return"].sharding)
+            new_best = {"actor": snap["actor"], "return": ret_dev}
             if "wm" in best:
                 new_best["wm"] = snap["wm"]
-            best = _select_best(best, new_best, improved)
-            rows = []
-            for s, res in enumerate(results):
-                for t in range(T):
-                    rows.append({"epoch": epoch, "task": res.task_names[t], "seed": spec.seeds[s],
-                                 "episode_reward": float(res.returns[t].mean()), "episode_reward_std": float(res.returns[t].std()),
-                                 "episode_success": float(res.successes[t].mean())})
-            runlog.evals(rows)
+            best = _select_best(best, new_best, ret_dev > best["return"])
+            rows = [{"epoch": epoch, "task": MT30_TASKS[spec.run_task_ids[r]], "seed": spec.run_seeds[r],
+                     "episode_reward": float(vals[0, r]), "episode_reward_std": float(vals[1, r]),
+                     "episode_success": float(vals[2, r])} for r in range(R)]
+            if main_process:
+                runlog.evals(rows)
             meta["evals"].append({"epoch": epoch, "mean_return": float(returns.mean())})
             if on_eval:
                 on_eval(rows)
@@ -610,21 +798,20 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
                 if mode == "device":
                     state, metrics = chunk_fn(n)(state, frozen_wm, data, run_pos, run_task)
                 else:
-                    batches = host_sampler.next_chunk()
-                    if n < config.chunk_epochs:
-                        batches = jax.tree_util.tree_map(lambda x: x[:n], batches)
-                    state, metrics = chunk_fn(n)(state, frozen_wm, batches, run_task)
-                metrics = sharding.unpad(jax.device_get(metrics), R, axis=1)
+                    state, metrics = chunk_fn(n)(state, frozen_wm, next_batches(n), run_task)
+                metrics = sharding.unpad(sharding.host_gather(metrics), R, axis=1)
                 rows = _metrics_rows(spec, metrics, epoch, config.log_freq, time.time() - t_start)
                 epoch += n
-                runlog.metrics(rows)
+                if main_process:
+                    runlog.metrics(rows)
                 if diag_fn is not None and epoch % config.diagnostics.freq == 0:
                     diag = _metrics_rows(spec, {k: v[None] for k, v in diag_fn(state, frozen_wm, data, run_pos, run_task).items()},
                                          epoch, 1, time.time() - t_start)
-                    runlog.diagnostics(diag)
+                    if main_process:
+                        runlog.diagnostics(diag)
                 if on_metrics and rows:
                     on_metrics(rows)
-                streak = np.asarray(state["nan_streak"])[:R]
+                streak = np.asarray(sharding.host_gather(state["nan_streak"]))[:R]
                 if streak.max() >= config.max_nan_skips:
                     r = int(streak.argmax())
                     what = "world-model loss/gradients" if float(np.asarray(metrics.get("wm_nan_skips", jnp.zeros(1)))[-1].max()) > 0 \
@@ -639,12 +826,13 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
                 if evaluator is not None and epoch % config.eval.freq == 0 and epoch < epochs:
                     submit_eval(epoch)
                 meta["epoch"], meta["elapsed"] = epoch, time.time() - t_start
-                if epoch % config.checkpoint_freq == 0 or epoch == epochs or sigterm.flag:
+                stop = all_processes(sigterm.flag, np.any)  # one process's SIGTERM checkpoints and stops them all
+                if epoch % config.checkpoint_freq == 0 or epoch == epochs or stop:
                     if evaluator is not None:
                         evaluator.wait()
                         collect_evals()
                     save(epoch)
-                if sigterm.flag:
+                if stop:
                     preempted = True
                     break
     finally:
@@ -655,41 +843,64 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
             evaluator.close()
         raise Preempted(f"SIGTERM: checkpointed at epoch {epoch} in {workdir}; rerun the same command to resume")
 
-    results = final_evaluation(config, pcfg, spec, beh, sharding.unpad(state, R, mesh=mesh), best, frozen_wm, evaluator,
-                               workdir, log)
+    if multi:
+        bundles, critics = my_bundles({"actor": state["actor"], "critic": state["critic"],
+                                       **({"wm": state["wm"]} if pcfg.finetune_wm else {})})
+    else:
+        real = sharding.unpad(state, R, mesh=mesh)
+        bundles = seed_bundles(spec, {"actor": real["actor"], **({"wm": real["wm"]} if pcfg.finetune_wm else {})}, frozen_wm)
+        critics = [jax.tree_util.tree_map(lambda x: x[s * T:(s + 1) * T], real["critic"]) for s in range(len(spec.seeds))]
+    results = final_evaluation(config, pcfg, spec, beh, groups, bundles, critics, sharding.host_gather(best["return"]),
+                               eval_frozen if multi else frozen_wm, evaluator, workdir, log, write=main_process)
     if evaluator is not None:
         evaluator.close()
     mngr.close()
     return {"results": results, "epoch": epoch}
 
 
-def final_evaluation(config, pcfg, spec, beh, state, best, frozen_wm, evaluator, workdir, log) -> list[dict]:
-    """Final plain and planning evaluations; per-run results CSV and a summary table."""
-    rows = [{"task": MT30_TASKS[spec.run_task_ids[r]], "seed": spec.run_seeds[r], "best_eval_return": float(best["return"][r])}
+def final_evaluation(config, pcfg, spec, beh, groups, bundles, critics, best_return, frozen_wm, evaluator, workdir, log,
+                     write: bool = True) -> list[dict]:
+    """Final plain and planning evaluations of this process's `groups`; per-run results CSV and a summary table.
+
+    groups/bundles/critics: per (seed index, task positions) group, its policy bundle and critic rows (one process:
+    one group per seed over every task). best_return [R] host. The per-run scores are gathered over processes;
+    `write`: this process writes results.csv and summary.md (process 0).
+    """
+    rows = [{"task": MT30_TASKS[spec.run_task_ids[r]], "seed": spec.run_seeds[r], "best_eval_return": float(best_return[r])}
             for r in range(spec.num_runs)]
     if evaluator is not None and config.eval.final:
-        T = spec.num_tasks
-        snap = {"actor": state["actor"]}
-        if pcfg.finetune_wm:
-            snap["wm"] = state["wm"]
-        bundles = seed_bundles(spec, snap, frozen_wm)
-        final = [evaluator.ev.run(b, seed=config.eval.seed + 1) for b in bundles]
+        evs = evaluator.evs
+        final = [evs[pos].run(b, seed=config.eval.seed + 1) for (_, pos), b in zip(groups, bundles)]
         if beh["planning_eval"] == "mppi":
             from fmbpo_jax.envs.planner import planning_evaluation
 
-            planning = planning_evaluation(config, pcfg, spec, bundles, state, frozen_wm, pool=evaluator.ev.pool)  # reuse the idle workers
+            # one call per task subset: its seeds' bundles and critic rows (seed-major, as planning_evaluation reads
+            # them); the idle evaluator workers are reused. The MPPI noise is split per env slot, so a process's
+            # subset of tasks plans with other noise than a single process would (plain evaluation is unaffected).
+            planning = [None] * len(groups)
+            for pos in dict.fromkeys(pos for _, pos in groups):
+                idx = [i for i, g in enumerate(groups) if g[1] == pos]
+                sub = RunSpec(task_ids=tuple(spec.task_ids[p] for p in pos), seeds=tuple(spec.seeds[groups[i][0]] for i in idx))
+                crit = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *[critics[i] for i in idx])
+                res = planning_evaluation(config, pcfg, sub, [bundles[i] for i in idx], {"critic": crit}, frozen_wm,
+                                          pool=evs[pos].pool)
+                for i, r in zip(idx, res):
+                    planning[i] = r
         else:  # B8: the reference's "planning" number is a second plain evaluation
-            planning = [evaluator.ev.run(b, seed=config.eval.seed + 2) for b in bundles]
-        for s in range(len(spec.seeds)):
-            for t in range(T):
-                r = s * T + t
-                rows[r].update(final_return=float(final[s].returns[t].mean()), final_success=float(final[s].successes[t].mean()),
-                               planning_return=float(planning[s].returns[t].mean()),
-                               planning_success=float(planning[s].successes[t].mean()))
-    write_csv(os.path.join(workdir, "results.csv"), rows)
+            planning = [evs[pos].run(b, seed=config.eval.seed + 2) for (_, pos), b in zip(groups, bundles)]
+        mean = lambda r, su: r.mean()  # noqa: E731
+        succ = lambda r, su: su.mean()  # noqa: E731
+        v_final, owned = per_run_values(spec, groups, final, [mean, succ])
+        v_plan, _ = per_run_values(spec, groups, planning, [mean, succ])
+        vals = sharding.gather_runs(np.concatenate([v_final, v_plan]), owned)  # [4, R]
+        for r in range(spec.num_runs):
+            rows[r].update(final_return=float(vals[0, r]), final_success=float(vals[1, r]),
+                           planning_return=float(vals[2, r]), planning_success=float(vals[3, r]))
     cols = list(rows[0]) if rows else []
     table = format_table(rows, cols)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(table + "\n")
+    if write:
+        write_csv(os.path.join(workdir, "results.csv"), rows)
+        with open(os.path.join(workdir, "summary.md"), "w") as f:
+            f.write(table + "\n")
     log(table)
     return rows

@@ -370,6 +370,11 @@ class HostSampler:
     (N = ``chunk_epochs``) as device arrays (``to_device=False``: numpy), starting at chunk ``first_chunk``
     (a resumed run passes epoch // chunk_epochs). Chunk i is drawn from
     ``np.random.default_rng([seed, i])``, so the stream does not depend on ``num_threads``.
+
+    ``gather_tasks``: positions into ``tasks`` whose windows are gathered (default: all); the chunk's task
+    axis then has ``len(gather_tasks)`` rows, in that order. Indices are still drawn for every task, so the
+    gathered windows equal the same rows of the full stream; only these tasks' arrays are read (a
+    multi-process trainer's process gathers the tasks of its own runs).
     """
 
     mode = "host"
@@ -391,9 +396,13 @@ class HostSampler:
         start: bool = True,
         capacity_steps: int = REFERENCE_CAPACITY_STEPS,
         first_chunk: int = 0,
+        gather_tasks: Sequence[int] | None = None,
     ):
         self.store = _as_store(store)
         self.tasks = _task_list(self.store, tasks)
+        self._gather = list(range(len(self.tasks))) if gather_tasks is None else [int(p) for p in gather_tasks]
+        if not self._gather or any(not 0 <= p < len(self.tasks) for p in self._gather):
+            raise ValueError(f"gather_tasks={gather_tasks}: need positions in 0..{len(self.tasks) - 1}")
         self.batch_size, self.horizon, self.chunk_epochs = int(batch_size), int(horizon), int(chunk_epochs)
         L = self.store.episode_length
         _check_horizon(self.horizon, L)
@@ -403,7 +412,7 @@ class HostSampler:
         rng = np.random.default_rng(seed)
         self._sel = [select_episodes(self.store, t, episode_subsampling, rng, capacity_steps) for t in self.tasks]
         self._nsel = np.array([s.size for s in self._sel], np.int64)
-        self._rows = [_TaskRows(self.store.arrays(t)) for t in self.tasks]
+        self._rows = [_TaskRows(self.store.arrays(self.tasks[p])) for p in self._gather]
         self._dims = (self.store.obs_dim, self.store.action_dim)
         self._pool = _BufferPool(_nbytes_needed(self._shapes(self.chunk_epochs)),
                                  max_buffers=(max(1, int(prefetch)) + 1) * max(1, int(num_threads)) + 1)
@@ -429,7 +438,7 @@ class HostSampler:
         return ep, start
 
     def _shapes(self, n: int) -> dict[str, tuple[int, ...]]:
-        T, B, H, (do, da) = len(self.tasks), self.batch_size, self.horizon, self._dims
+        T, B, H, (do, da) = len(self._gather), self.batch_size, self.horizon, self._dims
         return {"obs": (n, T, B, H + 1, do), "action": (n, T, B, H, da), "reward": (n, T, B, H)}
 
     def _alloc(self, n: int) -> dict[str, np.ndarray]:
@@ -444,9 +453,11 @@ class HostSampler:
         """Copy the windows (episode [n,T,B], start [n,T,B]) into ``out`` (allocated when None).
 
         Window (ep, s) is obs rows s..s+H and action/reward rows s+1..s+H of episode ep (row 0's
-        action/reward are filler and are never read).
+        action/reward are filler and are never read). With ``gather_tasks`` only those columns of ep/start
+        are gathered (out has their count of task rows).
         """
-        n, T, B = ep.shape
+        n, _, B = ep.shape
+        T = len(self._gather)
         H = self.horizon
         out = self._alloc(n) if out is None else out
         first = ep * self.store.episode_length + start  # [n,T,B] flat row of each window's obs 0
@@ -457,11 +468,11 @@ class HostSampler:
             "action": out["action"].reshape(n, T, B * H, -1).view(r0.action.dtype)[..., 0],
             "reward": out["reward"].reshape(n, T, B * H, 1).view(r0.reward.dtype)[..., 0],
         }
-        for i, rows in enumerate(self._rows):
-            obs_idx = (first[:, i, :, None] + obs_steps).reshape(n, -1)
-            act_idx = (first[:, i, :, None] + act_steps).reshape(n, -1)
+        for i, (p, rows) in enumerate(zip(self._gather, self._rows)):
+            obs_idx = (first[:, p, :, None] + obs_steps).reshape(n, -1)
+            act_idx = (first[:, p, :, None] + act_steps).reshape(n, -1)
             if obs_idx.size and (obs_idx.min() < 0 or obs_idx.max() >= rows.obs.shape[0]):
-                raise IndexError(f"window rows outside task {self.tasks[i]}'s {rows.obs.shape[0]} rows")
+                raise IndexError(f"window rows outside task {self.tasks[p]}'s {rows.obs.shape[0]} rows")
             # out= must be contiguous: one epoch of one task at a time. mode="clip" because
             # mode="raise" buffers out (a temporary again); the range was checked just above.
             for e in range(n):
