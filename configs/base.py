@@ -127,9 +127,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.chunk_epochs = 100  # epochs per jitted call (lax.scan); logging/eval/checkpoint happen between chunks
     c.log_freq = 100  # log one row per task every N epochs (a multiple of chunk_epochs is exact)
     c.checkpoint_freq = 1000  # epochs between checkpoints (also at the end and on SIGTERM)
-    c.task_chunk = 0  # >0: process the run axis in groups of this size with lax.map (memory)
+    c.task_chunk = 0  # >0: process the run axis in groups of this size with lax.map (memory); 1 = one run at a
+    # time, unbatched (fastest on CPU, where vmapped per-run matmuls become slow batched dots)
     c.data_parallel = 1  # devices per run group that split each run's batch (mesh 'data' axis; needs task_chunk=0)
     c.precision = "float32"  # 'float32' (full-precision matmuls) | 'tf32' (default matmul precision) | 'bf16'
+    # (bfloat16 matmul operands with float32 accumulation, params, norms and optimizer: nets.bf16_matmul)
     c.deterministic = False  # XLA deterministic ops on GPU (slower)
     c.max_nan_skips = 100  # stop when a run skipped this many consecutive updates for NaN/Inf
     # ---- diagnostics (fmbpo_jax.diagnostics; off by default): written to diagnostics.jsonl

@@ -47,15 +47,22 @@ def _num_params(tree) -> int:
     return int(sum(np.asarray(x).size for x in jax.tree_util.tree_leaves(tree)))
 
 
+def _architecture(cfg) -> dict:
+    """A model config as stored in the manifest: the architecture only (the matmul dtype is the run's choice)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("compute_dtype", None)
+    return d
+
+
 def build_manifest(conv: Converted, source: dict | None = None) -> dict:
     mods: dict[str, Any] = {}
     if conv.wm is not None:
-        mods["world_model"] = dict(kind=conv.wm_cfg.kind, config=dataclasses.asdict(conv.wm_cfg),
+        mods["world_model"] = dict(kind=conv.wm_cfg.kind, config=_architecture(conv.wm_cfg),
                                    num_params=_num_params(conv.wm), preset=conv.preset())
     if conv.actor is not None:
-        mods["actor"] = dict(kind=conv.actor_cfg.kind, config=dataclasses.asdict(conv.actor_cfg), num_params=_num_params(conv.actor))
+        mods["actor"] = dict(kind=conv.actor_cfg.kind, config=_architecture(conv.actor_cfg), num_params=_num_params(conv.actor))
     if conv.critic is not None:
-        mods["critic"] = dict(config=dataclasses.asdict(conv.critic_cfg), num_params=_num_params(conv.critic))
+        mods["critic"] = dict(config=_architecture(conv.critic_cfg), num_params=_num_params(conv.critic))
     if conv.extras:
         mods["tdmpc2_extras"] = dict(conv.extras_info, parts=sorted(conv.extras), num_params=_num_params(conv.extras))
     sizes = {}

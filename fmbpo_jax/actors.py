@@ -30,11 +30,13 @@ class ActorConfig:
     init_gain: float = 1.0
     integrator: str = "heun"
     substeps: int = 2
+    compute_dtype: str = "float32"  # matmul operands: 'float32' | 'bfloat16' (params stay float32; nets.matmul)
 
     def __post_init__(self):
         if self.kind not in ("gaussian", "flow"):
             raise ValueError(f"ActorConfig.kind must be 'gaussian' or 'flow', got {self.kind!r}")
         check_integrator(self.integrator, self.substeps)
+        nets.check_compute_dtype(self.compute_dtype, "ActorConfig")
         object.__setattr__(self, "units", tuple(int(u) for u in self.units))
 
     @property
@@ -47,7 +49,7 @@ class ActorConfig:
 
 
 def _net(cfg: ActorConfig) -> nets.ActMLP:
-    return nets.ActMLP(cfg.units, cfg.action_dim, "torch")
+    return nets.ActMLP(cfg.units, cfg.action_dim, "torch", cfg.compute_dtype)
 
 
 def init(cfg: ActorConfig, key: jax.Array) -> Params:

@@ -141,19 +141,20 @@ def model_configs(config, num_tasks: int = len(MT30_TASKS)) -> tuple[WMConfig, A
                       task_dim=m.task_dim, num_tasks=num_tasks, encoder_units=tuple(m.encoder_units),
                       units=tuple(m.flow_units if c.world_model == "flow" else m.units), simnorm_dim=m.simnorm_dim,
                       num_bins=m.num_bins, vmin=m.vmin, vmax=m.vmax, velocity_head=beh["velocity_head"],
-                      integrator=m.wm_integrator, substeps=m.wm_substeps)
+                      integrator=m.wm_integrator, substeps=m.wm_substeps, compute_dtype=compute_dtype(config))
     actor_cfg = ActorConfig(kind=c.actor, latent_dim=m.latent_dim, action_dim=MAX_ACTION_DIM, units=tuple(m.actor_units),
                             init_logstd=m.init_logstd, min_logstd=m.min_logstd, integrator=m.actor_integrator,
-                            substeps=m.actor_substeps)
-    critic_cfg = CriticConfig(latent_dim=m.latent_dim, units=tuple(m.critic_units), num_critics=m.num_critics)
+                            substeps=m.actor_substeps, compute_dtype=compute_dtype(config))
+    critic_cfg = CriticConfig(latent_dim=m.latent_dim, units=tuple(m.critic_units), num_critics=m.num_critics,
+                              compute_dtype=compute_dtype(config))
     return wm_cfg, actor_cfg, critic_cfg
 
 
 def pwm_config(config, wm_cfg: WMConfig | None = None) -> pwm.PWMConfig:
     """The static algorithm config. wm_cfg overrides the config's WM (e.g. the one read from a checkpoint)."""
     w, a, cr = model_configs(config)
-    if wm_cfg is not None:
-        w = wm_cfg
+    if wm_cfg is not None:  # the checkpoint's architecture, this run's matmul precision
+        w = dataclasses.replace(wm_cfg, compute_dtype=compute_dtype(config))
     beh = behaviours(config)
     alg = config.alg
     return pwm.PWMConfig(
@@ -171,6 +172,11 @@ def pwm_config(config, wm_cfg: WMConfig | None = None) -> pwm.PWMConfig:
 
 def run_spec(config) -> RunSpec:
     return RunSpec(parse_tasks(config.tasks), parse_seeds(config.seeds))
+
+
+def compute_dtype(config) -> str:
+    """Model matmul operand dtype for --config.precision: bf16 -> 'bfloat16' (f32 params and accumulation)."""
+    return "bfloat16" if config.precision == "bf16" else "float32"
 
 
 def matmul_precision(config) -> str:

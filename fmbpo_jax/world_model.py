@@ -46,6 +46,7 @@ class WMConfig:
     velocity_head: str = "simnorm"
     integrator: str = "heun"
     substeps: int = 4
+    compute_dtype: str = "float32"  # matmul operands: 'float32' | 'bfloat16' (params stay float32; nets.matmul)
 
     def __post_init__(self):
         if self.kind not in ("mlp", "flow"):
@@ -55,6 +56,7 @@ class WMConfig:
         if self.latent_dim % self.simnorm_dim:
             raise ValueError(f"latent_dim={self.latent_dim} is not a multiple of simnorm_dim={self.simnorm_dim}")
         check_integrator(self.integrator, self.substeps)
+        nets.check_compute_dtype(self.compute_dtype, "WMConfig")
         object.__setattr__(self, "encoder_units", tuple(int(u) for u in self.encoder_units))
         object.__setattr__(self, "units", tuple(int(u) for u in self.units))
 
@@ -64,16 +66,16 @@ class WMConfig:
 
 
 def _encoder(cfg: WMConfig) -> nets.WMMLP:
-    return nets.WMMLP(cfg.encoder_units, cfg.latent_dim, "simnorm", cfg.simnorm_dim)
+    return nets.WMMLP(cfg.encoder_units, cfg.latent_dim, "simnorm", cfg.simnorm_dim, compute_dtype=cfg.compute_dtype)
 
 
 def _dynamics(cfg: WMConfig) -> nets.WMMLP:
     last = "simnorm" if (cfg.kind == "mlp" or cfg.velocity_head == "simnorm") else "linear"
-    return nets.WMMLP(cfg.units, cfg.latent_dim, last, cfg.simnorm_dim)
+    return nets.WMMLP(cfg.units, cfg.latent_dim, last, cfg.simnorm_dim, compute_dtype=cfg.compute_dtype)
 
 
 def _reward(cfg: WMConfig) -> nets.WMMLP:
-    return nets.WMMLP(cfg.units, cfg.num_bins, "linear", cfg.simnorm_dim, zero_last=True)
+    return nets.WMMLP(cfg.units, cfg.num_bins, "linear", cfg.simnorm_dim, zero_last=True, compute_dtype=cfg.compute_dtype)
 
 
 def init(cfg: WMConfig, key: jax.Array) -> Params:

@@ -41,6 +41,6 @@ def test_nan_task_is_skipped_and_counted_others_train(tiny_store):
 def test_consecutive_skips_stop_the_run_naming_task(tiny_store, tmp_path, monkeypatch):
     c = tiny_config(tiny_store, max_nan_skips=3, **{"eval.episodes": 0})
     spec = run_config.run_spec(c)
-    monkeypatch.setattr(train_mod, "open_data", lambda config, spec_, sub, h: ("device", poisoned(tiny_store, spec, 2)))
+    monkeypatch.setattr(train_mod, "open_data", lambda config, spec_, sub, h, **kw: ("device", poisoned(tiny_store, spec, 2)))
     with pytest.raises(train_mod.TrainingStopped, match=r"walker-stand/seed1: 5 consecutive updates skipped for non-finite actor"):
         train_mod.train(c, str(tmp_path / "run"), log=lambda s: None)
