@@ -10,7 +10,7 @@ def get_config():
     c = base_config()
     c.name = "demo"
     c.mode = "demo"
-    c.tasks = "cartpole-balance,reacher-easy,walker-stand"
+    c.tasks = "walker-stand,walker-walk,pendulum-spin"
     c.seeds = "1"
     c.model.size = "custom"
     c.model.latent_dim = 64

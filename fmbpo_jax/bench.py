@@ -41,8 +41,8 @@ Other switches: ``--breakdown`` (WM step / actor step / critic steps of one run,
 ``--min-call-seconds`` (repeat short chunks back-to-back inside one timed sample), ``--compile-workers N``
 (trace every row, compile them concurrently, then time them one by one: the GPU script), ``--task-chunk`` /
 ``--finetune-task-chunk`` (lax.map the run axis for memory), ``--max-seconds`` (skip rows not started in time),
-``--batch-size/--horizon/--critic-iterations`` (shrink for tests). ``--remat on`` is accepted but pwm.py has
-no remat switch yet: rows run without and say ``remat: n/a``. Rows are timed on in-memory random data
+``--batch-size/--horizon/--critic-iterations`` (shrink for tests). ``--remat on`` recomputes the rollout steps
+in the backward pass (``--config.remat``). Rows are timed on in-memory random data
 with the initial params replicated over runs: speed does not depend on the values.
 
 FLOP formula (:func:`epoch_flops`): a dense layer on ``rows`` rows costs ``2 * rows * in * out`` forward;
@@ -391,7 +391,7 @@ def _error(e: BaseException) -> str:
 def _row_base(args, variant, size, tasks, precision) -> dict:
     return {"variant": variant, "size": size if not os.path.isfile(size) else os.path.basename(size), "tasks": tasks,
             "seeds": 1 if VARIANTS[variant].get("mode") == "pretrain" else args.seeds, "precision": precision,
-            "remat": "off" if args.remat == "off" else "n/a", "preset": args.preset}
+            "remat": args.remat, "preset": args.preset}
 
 
 def plan_row(args, variant: str, size: str, tasks: int, precision: str, data=None, single_task: bool = False) -> Row:
@@ -405,6 +405,7 @@ def plan_row(args, variant: str, size: str, tasks: int, precision: str, data=Non
 
     config = build_config(size, variant, args.preset, args.wm_updates, args.batch_size, args.horizon, args.critic_iterations)
     config.precision = {"fp32-highest": "float32", "tf32": "tf32", "bf16": "bf16"}[precision]  # bf16: bf16 matmul operands
+    config.remat = args.remat == "on"
     beh = run_config.behaviours(config)
     pcfg = run_config.pwm_config(config)
     mode = "pretrain" if VARIANTS[variant].get("mode") == "pretrain" else "policy"
@@ -800,7 +801,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--precision", default="fp32-highest", help="comma-separated: " + ", ".join(PRECISIONS))
     p.add_argument("--remat", choices=("on", "off"), default="off",
-                   help="rematerialisation of the rollout scans (not implemented in pwm.py yet: 'on' is reported as n/a)")
+                   help="rematerialisation of the rollout scans (--config.remat): activation memory of one step")
     p.add_argument("--epochs-per-call", type=int, default=2)
     p.add_argument("--timed-calls", type=int, default=3)
     p.add_argument("--json", default="", help="write all rows and the run's metadata to this file (after every row)")
@@ -869,7 +870,7 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) 
                                 else f"preset {args.preset}, wm_updates={args.wm_updates or 'preset'}"),
                 flops_formula="matmuls only: forward 2*rows*in*out per layer; input grad and weight grad the same each "
                               "(backward = 2x forward when both are needed); 'needed' vs 'naive' (reference autograd), see bench.epoch_flops",
-                remat="n/a: pwm.py has no remat switch yet" if args.remat == "on" else "off",
+                remat=args.remat,
                 note="timings on a shared machine are noisy; see loadavg fields" if meta["backend"] == "cpu" else "")
     shape = args.peak_shape or default_peak_shape()
     peaks = {}
@@ -880,8 +881,6 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) 
         log(f"peak matmul {shape[0]}x{shape[1]}x{shape[2]} {dtype} operands, precision {prec}: "
             f"{peaks[prec]['best_flops'] / 1e9:.0f} GFLOP/s best, {peaks[prec]['median_flops'] / 1e9:.0f} median")
     meta["peak"] = peaks
-    if args.remat == "on":
-        log("note: --remat on is not supported by pwm.py yet; rows run without rematerialisation and say remat=n/a")
     rows: list[dict] = []  # every planned row from the start ('status': pending -> done | error), in plan order
     planned = []
     for p in args.precisions:

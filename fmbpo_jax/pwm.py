@@ -61,6 +61,7 @@ class PWMConfig:
     terminal_discount: str = "gamma_h"
     wm_updates: str = "iterations"
     critic_minibatches: str = "shuffled"
+    remat: bool = False  # recompute each rollout step's activations in the backward pass (memory, not results)
 
     def __post_init__(self):
         checks = {
@@ -130,11 +131,14 @@ def _keep_if(ok: jax.Array, new, old):
 
 
 def wm_loss(cfg: WMConfig, params: Params, obs, action, reward, task, key=None, *, gamma: float = 0.99,
-            reward_loss: str = "mse_bins", tau_sampling: str = "uniform", taus=None, teacher_forcing: bool = False):
+            reward_loss: str = "mse_bins", tau_sampling: str = "uniform", taus=None, teacher_forcing: bool = False,
+            remat: bool = False):
     """World-model loss (spec 2.2): autoregressive latent rollout with stop-gradient encoder targets.
 
     obs [H+1, B, O], action [H, B, A], reward [H, B, 1] or [H, B], task: scalar or [B] ids.
     Flow: tau ~ U[0,1] per (step, sample) from `key`, 0.5 ('midpoint'), or given `taus` [H, B, 1].
+    remat: keep only each step's carry for the backward pass and recompute the step (all its integrator
+    substeps) there: activation memory of one step instead of H (a 48M flow WM at K=4 otherwise needs GBs).
     Returns (total, {'dynamics_loss', 'reward_loss'}) with total = (dyn + rew) / H and the parts / H.
     """
     horizon = action.shape[0]
@@ -176,7 +180,7 @@ def wm_loss(cfg: WMConfig, params: Params, obs, action, reward, task, key=None, 
                 loss_t = jnp.mean(jnp.square(z_next - target)) * disc
             return z_next, (loss_t, z)
 
-        _, (dyn_t, zs) = jax.lax.scan(body, z0, (action, targets, taus, discounts))
+        _, (dyn_t, zs) = jax.lax.scan(jax.checkpoint(body) if remat else body, z0, (action, targets, taus, discounts))
     dyn = jnp.sum(dyn_t)
     logits = wm.reward_logits(cfg, params, zs, action, task)  # [H, B, bins], from the CURRENT z and a
     if reward_loss == "mse_bins":
@@ -245,7 +249,8 @@ def actor_loss(cfg: PWMConfig, actor_params: Params, wm_params: Params, critic_p
         return (z_next, disc * cfg.gamma, ret + disc * r), out
 
     init = (z0, jnp.ones((), jnp.float32), jnp.zeros(obs0.shape[:-1], jnp.float32))
-    (z_h, disc, ret), (states, rewards, next_values) = jax.lax.scan(body, init, jax.random.split(key, H))
+    step = jax.checkpoint(body) if cfg.remat else body  # remat: see wm_loss
+    (z_h, disc, ret), (states, rewards, next_values) = jax.lax.scan(step, init, jax.random.split(key, H))
     v_h = critic.min_value(cfg.critic, critic_params, z_h)  # terminal value, gradient to the actor through z_H
     terminal = cfg.gamma * disc if cfg.terminal_discount == "gamma_h_plus_1" else disc  # B7
     loss_b = -ret - terminal * v_h
@@ -335,7 +340,7 @@ def wm_update(cfg: PWMConfig, params: Params, opt_state, obs, action, reward, ta
     """One WM Adam step (clip 20 over all WM params; the task embedding is not stepped unless train_task_emb)."""
     def loss_fn(p):
         total, parts = wm_loss(cfg.wm, p, obs, action, reward, task, key, gamma=cfg.gamma, reward_loss=cfg.reward_loss,
-                               tau_sampling=cfg.tau_sampling, teacher_forcing=cfg.teacher_forcing)
+                               tau_sampling=cfg.tau_sampling, teacher_forcing=cfg.teacher_forcing, remat=cfg.remat)
         return total, parts
 
     (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

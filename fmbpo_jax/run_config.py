@@ -167,7 +167,7 @@ def pwm_config(config, wm_cfg: WMConfig | None = None) -> pwm.PWMConfig:
         reward_loss=beh["reward_loss"], reward_symexp=beh["reward_symexp"], action_masks=beh["action_masks"],
         train_task_emb=beh["train_task_emb"], critic_target=beh["critic_target"],
         terminal_discount=beh["terminal_discount"], wm_updates=beh["wm_updates"],
-        critic_minibatches=beh["critic_minibatches"])
+        critic_minibatches=beh["critic_minibatches"], remat=bool(config.remat))
 
 
 def run_spec(config) -> RunSpec:

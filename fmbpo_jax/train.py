@@ -855,12 +855,16 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
     if multi:
         bundles, critics = my_bundles({"actor": state["actor"], "critic": state["critic"],
                                        **({"wm": state["wm"]} if pcfg.finetune_wm else {})})
+        best_bundles = None  # the best params are kept per run but re-evaluated only in single-process runs
     else:
         real = sharding.unpad(state, R, mesh=mesh)
         bundles = seed_bundles(spec, {"actor": real["actor"], **({"wm": real["wm"]} if pcfg.finetune_wm else {})}, frozen_wm)
         critics = [jax.tree_util.tree_map(lambda x: x[s * T:(s + 1) * T], real["critic"]) for s in range(len(spec.seeds))]
+        best_bundles = seed_bundles(spec, {"actor": best["actor"], **({"wm": best["wm"]} if pcfg.finetune_wm else {})},
+                                    frozen_wm)
     results = final_evaluation(config, pcfg, spec, beh, groups, bundles, critics, sharding.host_gather(best["return"]),
-                               eval_frozen if multi else frozen_wm, evaluator, workdir, log, write=main_process)
+                               eval_frozen if multi else frozen_wm, evaluator, workdir, log, write=main_process,
+                               best_bundles=best_bundles)
     if evaluator is not None:
         evaluator.close()
     mngr.close()
@@ -868,12 +872,14 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
 
 
 def final_evaluation(config, pcfg, spec, beh, groups, bundles, critics, best_return, frozen_wm, evaluator, workdir, log,
-                     write: bool = True) -> list[dict]:
+                     write: bool = True, best_bundles: list | None = None) -> list[dict]:
     """Final plain and planning evaluations of this process's `groups`; per-run results CSV and a summary table.
 
     groups/bundles/critics: per (seed index, task positions) group, its policy bundle and critic rows (one process:
     one group per seed over every task). best_return [R] host. The per-run scores are gathered over processes;
-    `write`: this process writes results.csv and summary.md (process 0).
+    `write`: this process writes results.csv and summary.md (process 0). best_bundles: the per-run best params
+    (kept by periodic evaluation return), re-evaluated on fresh episodes (another seed than the selection saw)
+    as `best_params_return`: the selection's own score is biased upwards, this one is not.
     """
     rows = [{"task": MT30_TASKS[spec.run_task_ids[r]], "seed": spec.run_seeds[r], "best_eval_return": float(best_return[r])}
             for r in range(spec.num_runs)]
@@ -905,6 +911,11 @@ def final_evaluation(config, pcfg, spec, beh, groups, bundles, critics, best_ret
         for r in range(spec.num_runs):
             rows[r].update(final_return=float(vals[0, r]), final_success=float(vals[1, r]),
                            planning_return=float(vals[2, r]), planning_success=float(vals[3, r]))
+        if best_bundles is not None:
+            best_res = [evs[pos].run(b, seed=config.eval.seed + 3) for (_, pos), b in zip(groups, best_bundles)]
+            v_best, _ = per_run_values(spec, groups, best_res, [mean])
+            for r in range(spec.num_runs):
+                rows[r]["best_params_return"] = float(v_best[0, r])
     cols = list(rows[0]) if rows else []
     table = format_table(rows, cols)
     if write:

@@ -72,6 +72,11 @@ def test_sigterm_kill9_resume_is_bitwise_identical(tiny_store, tmp_path):
     for f in ("config.json", "metrics.jsonl", "eval.jsonl", "results.csv", "summary.md"):
         assert (ref / f).exists(), f
     assert "final_return" in (ref / "results.csv").read_text() and "planning_return" in (ref / "results.csv").read_text()
+    import csv
+
+    with open(ref / "results.csv") as f:
+        res = list(csv.DictReader(f))
+    assert len(res) == 3 and all(np.isfinite(float(r["best_params_return"])) for r in res), res  # best params re-evaluated
 
     # 1) SIGTERM while training: finishes the chunk, checkpoints, exits with the requeue code
     p = start(cli(tiny_store, run))
