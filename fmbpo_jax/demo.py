@@ -90,7 +90,7 @@ def run_demo(config, workdir: str, log: Callable[[str], None] = print) -> list[d
             mine = [r for r in out[name] if r["task"] == task]
             row[name] = float(np.mean([r["final_return"] for r in mine]))
             # the params kept at the best periodic evaluation, re-evaluated on fresh episodes
-            row[f"{name} best"] = float(np.mean([r.get("best_params_return", float("nan")) for r in mine]))
+            row[f"{name} best"] = float(np.mean([r["best_params_return"] for r in mine]))
             row[f"{name}+planning"] = float(np.mean([r["planning_return"] for r in mine]))
         rows.append(row)
     table = format_table(rows, ["task", "random", "frozen_wm", "frozen_wm best", "frozen_wm+planning", "joint", "joint best",

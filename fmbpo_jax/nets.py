@@ -31,7 +31,7 @@ def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     runs at about twice (CPU) to many times (GPU) the float32 rate. Params, activations, LayerNorm, Mish and
     the optimizer stay float32 (mixed precision).
     """
-    return jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return _bf16_matmul_fwd(x, w)[0]
 
 
 def _bf16_matmul_fwd(x, w):

@@ -116,13 +116,6 @@ def test_diagnostics_written_every_n_epochs(tiny_store, tmp_path):
         assert np.isfinite(r["actor_esnr_db"]) and r["wm_jac_z"] > 0 and r["wm_jac_a"] > 0, r
 
 
-def _final_state(workdir):
-    import orbax.checkpoint as ocp
-
-    mngr = ocp.CheckpointManager(str(workdir / "checkpoints"))
-    return mngr.restore(mngr.latest_step(), args=ocp.args.Composite(train=ocp.args.StandardRestore()))["train"]
-
-
 def test_host_sampler_training_resumes_bitwise(tiny_store, tmp_path):
     """--config.data.sampler=host through the trainer: a run killed after its epoch-5 checkpoint and restarted
     equals an uninterrupted run bitwise (the host stream's chunk i is a pure function of (seed, i), with 2
@@ -144,7 +137,9 @@ def test_host_sampler_training_resumes_bitwise(tiny_store, tmp_path):
     logs = []
     train(config, str(tmp_path / "twice"), log=logs.append)
     assert any("resumed from" in s and "epoch 5" in s for s in logs), logs
-    a, b = _final_state(tmp_path / "once"), _final_state(tmp_path / "twice")
+    from test_main_e2e import final_params
+
+    (_, a), (_, b) = final_params(tmp_path / "once"), final_params(tmp_path / "twice")
     leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert len(leaves_a) == len(leaves_b) > 0
     for x, y in zip(leaves_a, leaves_b):
