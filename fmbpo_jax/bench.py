@@ -41,7 +41,10 @@ Other switches: ``--breakdown`` (WM step / actor step / critic steps of one run,
 ``--min-call-seconds`` (repeat short chunks back-to-back inside one timed sample), ``--compile-workers N``
 (trace every row, compile them concurrently, then time them one by one: the GPU script), ``--task-chunk`` /
 ``--finetune-task-chunk`` (lax.map the run axis for memory), ``--max-seconds`` (skip rows not started in time),
-``--batch-size/--horizon/--critic-iterations`` (shrink for tests). ``--remat on`` recomputes the rollout steps
+``--batch-size/--horizon/--critic-iterations`` (shrink for tests), ``--profile DIR`` (trace one more call of
+each row with ``jax.profiler`` into ``DIR/<row>/`` (Perfetto/TensorBoard) and store the ops that took the most
+time, with their source op names, in the row and ``DIR/<row>/top_ops.txt``; on CPU it turns on XLA's per-op
+trace events, ``--xla_cpu_enable_xprof_traceme``, when jax has not started yet). ``--remat on`` recomputes the rollout steps
 in the backward pass (``--config.remat``). Rows are timed on in-memory random data
 with the initial params replicated over runs: speed does not depend on the values.
 
@@ -529,6 +532,10 @@ def execute_row(r: Row, args, peaks: dict) -> None:
             state, out = r.compiled(state, *rest)
         jax.block_until_ready((state, out))
         times.append((time.perf_counter() - t0) / k)
+    if args.profile:
+        tag = f"{row['variant']}_{row['size']}_T{row['tasks']}_{row['precision']}".replace("/", "_")
+        row["profile_dir"] = os.path.join(args.profile, tag)
+        row["profile_top_ops"] = profile_call(r, state, rest, row["profile_dir"])
     del state, out, rest, args_real
     per_epoch = [t / args.epochs_per_call for t in times]
     med, mn = statistics.median(per_epoch), min(per_epoch)
@@ -554,6 +561,63 @@ def execute_row(r: Row, args, peaks: dict) -> None:
             row["ref_s_epoch"] = REF_GPU_S_TASK_EPOCH[row["variant"]]
             row["ref_kind"] = "reference H100/H200 recorded s per task-epoch (wall clock incl. data + eval)"
             row["speedup_vs_ref"] = row["ref_s_epoch"] / row["s_per_task_epoch"]
+
+
+# Trace events of the runtime itself (executor, dispatch, compile), not of the program's ops.
+_RUNTIME_EVENT = ("Thunk", "Execute", "Pjit", "pjit", "ispatch", "Await", "Compile", "compile", "$")
+
+
+def summarize_trace(events: Sequence[dict], hlo_text: str, top: int = 20) -> list[dict]:
+    """The program's ops that took the most time in a profiler trace, with the source op they came from.
+
+    events: Chrome/Perfetto trace events ('ph' == 'X' complete events with 'name' and 'dur' in microseconds);
+    hlo_text: the compiled program (`compiled.as_text()`), whose `metadata={op_name=...}` names the JAX op.
+    Returns [{'op', 'ms', 'calls', 'shape', 'source'}] by total time. Ops that run asynchronously on other
+    threads (e.g. Eigen dots on CPU) show only their dispatch, so read it together with the wall time.
+    """
+    import collections
+    import re
+
+    total, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or any(t in name for t in _RUNTIME_EVENT):
+            continue
+        total[name] += float(e.get("dur", 0.0))
+        calls[name] += 1
+    out = []
+    for name, us in total.most_common(top):
+        m = re.search(r"%" + re.escape(name) + r" = (\S+) [^\n]*?op_name=\"([^\"]*)\"", hlo_text)
+        out.append({"op": name, "ms": us / 1e3, "calls": calls[name], "shape": m.group(1) if m else "",
+                    "source": m.group(2) if m else ""})
+    return out
+
+
+def profile_call(r: Row, state, rest, out_dir: str, top: int = 20) -> list[dict]:
+    """Trace one call of the row's compiled program into out_dir; returns and writes its top ops."""
+    import glob
+    import gzip
+
+    import jax
+
+    os.makedirs(out_dir, exist_ok=True)
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0  # Python frames would fill the trace's event budget
+    jax.profiler.start_trace(out_dir, create_perfetto_trace=True, profiler_options=opts)
+    try:
+        jax.block_until_ready(r.compiled(state, *rest))
+    finally:
+        jax.profiler.stop_trace()
+    traces = sorted(glob.glob(os.path.join(out_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not traces:
+        return []
+    with gzip.open(traces[-1]) as f:
+        ev = json.load(f)
+    ops = summarize_trace(ev["traceEvents"] if isinstance(ev, dict) else ev, r.compiled.as_text(), top)
+    with open(os.path.join(out_dir, "top_ops.txt"), "w") as f:
+        f.write("ms\tcalls\top\tshape\tsource\n")
+        f.writelines(f"{o['ms']:.2f}\t{o['calls']}\t{o['op']}\t{o['shape']}\t{o['source']}\n" for o in ops)
+    return ops
 
 
 def breakdown(r: Row, args) -> dict:
@@ -669,6 +733,8 @@ def run_rows(rows: list[Row], args, peaks: dict, t_start: float, log: Callable, 
         else:
             log(f"    compile {row['compile_s']:.1f} s, median {row['median_s_epoch']:.4g} s/{row['unit']}, "
                 f"min {row['min_s_epoch']:.4g}, {row['achieved_gflops']:.0f} GFLOP/s (MFU {row['mfu']:.2f})")
+            for o in row.get("profile_top_ops", [])[:8]:
+                log(f"      {o['ms']:9.1f} ms {o['calls']:5d}x {o['op'][:28]:28s} {o['shape'][:28]:28s} {o['source'][-70:]}")
             if args.breakdown and r.mode == "policy":
                 try:
                     row["breakdown"] = breakdown(r, args)
@@ -821,6 +887,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=">1: lower every row first, compile them concurrently in threads, then time them one by one")
     p.add_argument("--peak-shape", default="", help="M,K,N of the peak matmul (default 512,1792,1792 on CPU, 8192^3 on GPU)")
     p.add_argument("--max-seconds", type=float, default=0.0, help="skip rows not started within this many seconds (0 = no limit)")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="trace one extra call per row with jax.profiler into DIR/<row>/ and list its slowest ops")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the epoch's parts (WM step, actor step, critic steps) of one run, each jitted alone")
     p.add_argument("--quiet", action="store_true")
@@ -860,6 +928,9 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) 
     """Run the benchmark; returns {'meta', 'rows'} (also written to --json)."""
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+    if args.profile and "jax" not in sys.modules and "xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
+        # XLA:CPU emits per-op trace events only with this flag, read when the backend starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
     if args.quiet:
         log = lambda *a, **k: None  # noqa: E731
     t_start = time.perf_counter()

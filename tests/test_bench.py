@@ -4,7 +4,9 @@ Speed itself is never asserted here (DESIGN.md section 4): only that the bench m
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
 
 import pytest
 
@@ -53,6 +55,20 @@ def test_epoch_flops_48m_matches_issue_magnitudes():
     assert 4700e9 < flow["needed"] < 5800e9 and 5700e9 < flow["naive"] < 6900e9
 
 
+def test_summarize_trace_ranks_program_ops_and_names_their_source():
+    hlo = ('''  %ynn_fusion.3 = f32[512,1792]{1,0} fusion(%a, %b), kind=kCustom, metadata={op_name="jit(chunk)/WMMLP/1/dot_general" x=1}
+  %add_fusion = f32[8]{0} fusion(%c), kind=kLoop, metadata={op_name="jit(chunk)/critic/add"}''')
+    events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 700.0}, {"ph": "X", "name": "ynn_fusion.3", "dur": 500.0},
+              {"ph": "X", "name": "add_fusion", "dur": 2000.0}, {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9e6},
+              {"ph": "X", "name": "$bench.py:1 main", "dur": 9e6}, {"ph": "i", "name": "ynn_fusion.3"},
+              {"ph": "X", "name": "copy.1", "dur": 10.0}]
+    ops = bench.summarize_trace(events, hlo, top=2)
+    assert [o["op"] for o in ops] == ["add_fusion", "ynn_fusion.3"]  # runtime events and instants left out
+    assert ops[1]["ms"] == pytest.approx(1.2) and ops[1]["calls"] == 2
+    assert ops[1]["shape"] == "f32[512,1792]{1,0}" and ops[1]["source"] == "jit(chunk)/WMMLP/1/dot_general"
+    assert bench.summarize_trace(events, "", top=5)[-1] == {"op": "copy.1", "ms": 0.01, "calls": 1, "shape": "", "source": ""}
+
+
 def test_cli_arguments():
     a = bench.parse_args(["--variant", "main", "--tasks", "1,30", "--precision", "fp32-highest,bf16", "--remat", "on"])
     assert a.variants == list(bench.MAIN_VARIANTS) and a.task_counts == [1, 30] and a.precisions == ["fp32-highest", "bf16"]
@@ -65,7 +81,7 @@ def test_bench_tiny_run_writes_rows(tmp_path):
     out = tmp_path / "bench.json"
     res = bench.main(["--variant", "baseline-frozen", "--size", "tiny", "--tasks", "2", "--batch-size", "16",
                       "--horizon", "4", "--critic-iterations", "1", "--epochs-per-call", "2", "--timed-calls", "1",
-                      "--peak-shape", "256,256,256", "--json", str(out), "--quiet"])
+                      "--peak-shape", "256,256,256", "--json", str(out), "--quiet", "--profile", str(tmp_path / "prof")])
     data = json.loads(out.read_text())
     assert data["meta"]["backend"] and data["meta"]["peak"]["fp32-highest"]["best_flops"] > 0
     assert len(data["rows"]) == len(res["rows"]) == 1
@@ -80,5 +96,9 @@ def test_bench_tiny_run_writes_rows(tmp_path):
     assert row["gflop_epoch"] <= row["gflop_naive_epoch"]
     assert row["peak_mem_gb"] == "n/a" or row["peak_mem_gb"] > 0
     assert row["remat"] == "off"
+    # --profile: one more call traced into the row's directory, with its op table
+    assert os.path.isfile(os.path.join(row["profile_dir"], "top_ops.txt"))
+    assert isinstance(row["profile_top_ops"], list)
+    assert glob.glob(os.path.join(row["profile_dir"], "**", "*.trace.json.gz"), recursive=True)
     table = bench.format_rows(data["rows"])
     assert "baseline-frozen" in table and "median s/ep" in table
