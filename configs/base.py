@@ -122,6 +122,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.demo = ml_collections.ConfigDict()
     c.demo.episodes_per_task = 8
     c.demo.episode_length = 501
+    # random actions of the collected episodes (data.generate.random_actions): 'uniform' (i.i.d. U(-1, 1)) |
+    # 'ou' (Ornstein-Uhlenbeck, temporally correlated: reaches swung-up, caught, fallen states that i.i.d. noise
+    # rarely does, so the world model sees them). The demo's "random" baseline is always the uniform policy.
+    c.demo.exploration = "uniform"
+    c.demo.ou_theta = 0.15  # OU mean reversion per agent step (correlation time ~ 1 / ou_theta steps)
+    c.demo.ou_sigma = 0.4  # OU innovation std (stationary std 0.76 for theta 0.15, before the clip to [-1, 1])
 
     # ---- run mechanics
     c.chunk_epochs = 100  # epochs per jitted call (lax.scan); logging/eval/checkpoint happen between chunks

@@ -37,7 +37,11 @@ def random_policy(params, obs, task_ids):
 
 
 def collect(config, workdir: str, log: Callable) -> str:
-    """Random-policy rollouts of the demo tasks straight into a per-task store (no torch, no .pt). Returns its dir."""
+    """Random-policy rollouts of the demo tasks straight into a per-task store (no torch, no .pt). Returns its dir.
+
+    The actions follow config.demo.exploration (i.i.d. uniform or temporally correlated OU noise): only the
+    world model's training data, never the "random" baseline of the results table.
+    """
     import hashlib
 
     from fmbpo_jax.data.generate import generate_chunk
@@ -49,17 +53,35 @@ def collect(config, workdir: str, log: Callable) -> str:
         return store
     tids = list(parse_tasks(config.tasks))
     L = config.demo.episode_length
-    log(f"[demo] collecting {config.demo.episodes_per_task} random episodes x {len(tids)} tasks in dm_control")
-    seq = [t for t in tids for _ in range(config.demo.episodes_per_task)]
-    arrays = generate_chunk(seq, seed=config.pretrain.seed, episode_length=L)
-    tag = hashlib.sha256(repr((seq, config.pretrain.seed, L)).encode()).hexdigest()
+    d = config.demo
+    noise = {"noise": d.exploration} | ({"ou_theta": d.ou_theta, "ou_sigma": d.ou_sigma} if d.exploration == "ou" else {})
+    log(f"[demo] collecting {d.episodes_per_task} random episodes ({d.exploration} actions) x {len(tids)} tasks in dm_control")
+    seq = [t for t in tids for _ in range(d.episodes_per_task)]
+    arrays = generate_chunk(seq, seed=config.pretrain.seed, episode_length=L, **noise)
+    tag = hashlib.sha256(repr((seq, config.pretrain.seed, L, sorted(noise.items()))).encode()).hexdigest()
     with StoreWriter(store, episode_length=L, obs_dim=arrays["obs"].shape[-1], action_dim=arrays["action"].shape[-1]) as w:
-        src = w.begin_source("demo_random_rollouts", tag, None, {"policy": "uniform random"})
+        src = w.begin_source("demo_random_rollouts", tag, None, {"policy": "random", **noise})
         for t in tids:
             sel = arrays["task"][:, 0] == t
             w.add_episodes(src, t, arrays["obs"][sel], arrays["action"][sel], arrays["reward"][sel])
         w.commit()
     return store
+
+
+def untrained_returns(run_dir: str) -> dict[str, float]:
+    """Per task, the epoch-0 evaluation of a policy run (its initial actor, mean over seeds), from eval.jsonl.
+
+    The reference point for "learned": a do-little initial actor already beats the uniform random policy on
+    tasks that punish control effort or reward keeping still (cartpole-swingup, a ball that starts in the cup).
+    """
+    import json
+
+    per_task: dict[str, list[float]] = {}
+    with open(os.path.join(run_dir, "eval.jsonl")) as f:
+        for row in map(json.loads, filter(str.strip, f)):
+            if row["epoch"] == 0:
+                per_task.setdefault(row["task"], []).append(row["episode_reward"])
+    return {t: float(np.mean(v)) for t, v in per_task.items()}
 
 
 def run_demo(config, workdir: str, log: Callable[[str], None] = print) -> list[dict]:
@@ -83,9 +105,13 @@ def run_demo(config, workdir: str, log: Callable[[str], None] = print) -> list[d
     tasks = [MT30_TASKS[t] for t in parse_tasks(config.tasks)]
     rnd = evaluate(random_policy, {"key": jax.random.PRNGKey(0)}, tasks, episodes=config.eval.episodes,
                    seed=config.eval.seed + 1, max_steps=config.eval.max_steps, num_workers=config.eval.workers or None)
+    log("[demo] random policy per-episode return std (the baseline's noise): "
+        + ", ".join(f"{task} {rnd.returns[t].std():.1f}" for t, task in enumerate(tasks)))
+    # both variants start from the same actor (same seeds), so one epoch-0 evaluation stands for both
+    untrained = untrained_returns(os.path.join(workdir, "frozen_wm"))
     rows = []
     for t, task in enumerate(tasks):
-        row = {"task": task, "random": float(rnd.returns[t].mean())}
+        row = {"task": task, "random": float(rnd.returns[t].mean()), "untrained": untrained.get(task, float("nan"))}
         for name in out:
             mine = [r for r in out[name] if r["task"] == task]
             row[name] = float(np.mean([r["final_return"] for r in mine]))
@@ -93,7 +119,7 @@ def run_demo(config, workdir: str, log: Callable[[str], None] = print) -> list[d
             row[f"{name} best"] = float(np.mean([r["best_params_return"] for r in mine]))
             row[f"{name}+planning"] = float(np.mean([r["planning_return"] for r in mine]))
         rows.append(row)
-    table = format_table(rows, ["task", "random", "frozen_wm", "frozen_wm best", "frozen_wm+planning", "joint", "joint best",
+    table = format_table(rows, ["task", "random", "untrained", "frozen_wm", "frozen_wm best", "frozen_wm+planning", "joint", "joint best",
                                 "joint+planning"])
     with open(os.path.join(workdir, "demo_results.md"), "w") as f:
         f.write(table + "\n")

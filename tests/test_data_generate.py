@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from convert_ckpt.dataset import content_sha256, convert, load_chunk
-from fmbpo_jax.data.generate import generate, generate_chunk
+from fmbpo_jax.data.generate import generate, generate_chunk, random_actions
 from fmbpo_jax.data.sampler import HostSampler, load_device_data, sample_windows
 
 # tests/fixtures/data/README.md: content SHA-256 of the two fixture chunks
@@ -81,6 +81,22 @@ def test_short_episodes_policy_full_path(tmp_path):
 
 def arrays_slice(arrays, sl):
     return {k: v[sl] for k, v in arrays.items()}
+
+
+def test_ou_exploration_is_correlated_and_in_range():
+    # 'uniform' is the fixtures' stream (one rng.uniform call); 'ou' stays in [-1, 1], spreads over the whole
+    # range and is strongly autocorrelated (lag-1 ~ 1 - theta before the clip), unlike i.i.d. noise.
+    u = random_actions(np.random.default_rng(3), 20_000, "uniform")
+    assert np.array_equal(u, np.random.default_rng(3).uniform(-1, 1, (20_000, 6)).astype(np.float32))
+    a = random_actions(np.random.default_rng(3), 20_000, "ou", ou_theta=0.15, ou_sigma=0.4)
+    assert a.shape == (20_000, 6) and a.dtype == np.float32
+    assert a.min() >= -1.0 and a.max() <= 1.0 and 0.5 < a.std() < 0.8
+    lag1 = lambda x: np.mean([np.corrcoef(x[:-1, d], x[1:, d])[0, 1] for d in range(6)])
+    assert lag1(a) > 0.75 and abs(lag1(u)) < 0.05
+    ep = generate_chunk(["pendulum-spin"], seed=3, episode_length=40, noise="ou")
+    assert np.abs(ep["action"][0, 1:, :1]).max() <= 1.0 and (ep["action"][0, 1:, 1:] == 0).all()
+    with pytest.raises(ValueError, match="noise"):
+        generate_chunk([0], episode_length=5, noise="pink")
 
 
 def test_bad_arguments():

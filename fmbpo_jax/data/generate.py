@@ -15,6 +15,11 @@ With the default random policy, ``generate_chunk(task_sequence, seed=101, env_se
 the construction of the fixture chunks: one ``np.random.default_rng(seed)`` for the whole build, per
 episode ``a_all = rng.uniform(-1, 1, (L-1, 6))``; one env per task built once with ``env_seed``.
 
+``noise="ou"`` replaces those i.i.d. uniform actions by a clipped Ornstein-Uhlenbeck process (temporally
+correlated random actions, see ``random_actions``): a random policy that pushes in one direction for a
+while reaches far more of the state space (a swung-up pole, a caught ball) than i.i.d. noise, whose pushes
+average out within a few steps.
+
     python -m fmbpo_jax.data.generate --out chunk_0.pt --tasks walker-stand cheetah-run --episodes 4
 """
 
@@ -33,11 +38,43 @@ from fmbpo_jax.envs import MAX_ACTION_DIM, MAX_OBS_DIM, make_env, task_id
 #: policy(obs float32[24], task id, rng) -> action (6 or A_task values in [-1, 1])
 Policy = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
-__all__ = ["generate_chunk", "write_chunk", "generate", "rollout", "Policy"]
+__all__ = ["generate_chunk", "write_chunk", "generate", "rollout", "random_actions", "Policy", "NOISES"]
+
+#: the random-action processes of ``random_actions``
+NOISES = ("uniform", "ou")
 
 
-def rollout(env, episode_length: int, rng: np.random.Generator, policy: Policy | None = None) -> dict[str, np.ndarray]:
-    """One episode of ``episode_length - 1`` agent steps in the chunk layout (index 0 = fillers)."""
+def random_actions(rng: np.random.Generator, steps: int, noise: str = "uniform", ou_theta: float = 0.15,
+                   ou_sigma: float = 0.4) -> np.ndarray:
+    """``[steps, 6]`` float32 random actions in [-1, 1], the action sequence of one random-policy episode.
+
+    "uniform": i.i.d. U(-1, 1) (one ``rng.uniform`` call: the fixtures' exact stream). "ou": per dimension
+    x[t+1] = (1 - ou_theta) x[t] + ou_sigma N(0, 1), started from its stationary law and clipped to [-1, 1];
+    the correlation time is about 1 / ou_theta steps, the stationary std ou_sigma / sqrt(1 - (1 - ou_theta)^2)
+    (0.76 for the defaults, so the clip still lets actions reach the bounds).
+    """
+    if noise == "uniform":
+        return rng.uniform(-1, 1, size=(steps, MAX_ACTION_DIM)).astype(np.float32)
+    if noise != "ou":
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    if not 0.0 < ou_theta <= 1.0 or ou_sigma <= 0.0:
+        raise ValueError(f"need 0 < ou_theta <= 1 and ou_sigma > 0, got {ou_theta}, {ou_sigma}")
+    decay = 1.0 - ou_theta
+    eps = rng.standard_normal((steps, MAX_ACTION_DIM))
+    x = eps[0] * ou_sigma / np.sqrt(1.0 - decay**2)  # a stationary start: no warm-up transient near 0
+    out = np.empty((steps, MAX_ACTION_DIM))
+    for t in range(steps):
+        out[t] = x
+        x = decay * x + ou_sigma * eps[t]
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+def rollout(env, episode_length: int, rng: np.random.Generator, policy: Policy | None = None,
+            noise: str = "uniform", ou_theta: float = 0.15, ou_sigma: float = 0.4) -> dict[str, np.ndarray]:
+    """One episode of ``episode_length - 1`` agent steps in the chunk layout (index 0 = fillers).
+
+    Without ``policy`` the actions are ``random_actions(rng, L - 1, noise, ou_theta, ou_sigma)``.
+    """
     L = int(episode_length)
     A = env.action_dim
     obs = np.zeros((L, MAX_OBS_DIM), np.float32)
@@ -47,7 +84,7 @@ def rollout(env, episode_length: int, rng: np.random.Generator, policy: Policy |
     reward[0] = np.nan
     o = env.reset()
     obs[0] = o
-    a_all = rng.uniform(-1, 1, size=(L - 1, MAX_ACTION_DIM)).astype(np.float32) if policy is None else None
+    a_all = random_actions(rng, L - 1, noise, ou_theta, ou_sigma) if policy is None else None
     for t in range(1, L):
         if policy is None:
             a = a_all[t - 1]
@@ -72,11 +109,15 @@ def generate_chunk(
     env_seed: int = 1,
     episode_length: int = 501,
     policy: Policy | None = None,
+    noise: str = "uniform",
+    ou_theta: float = 0.15,
+    ou_sigma: float = 0.4,
 ) -> dict[str, np.ndarray]:
     """Roll out one episode per entry of ``task_sequence`` (names or ids, in file order); return the arrays.
 
     Each task keeps one env (built once with ``env_seed``) across its episodes; one action generator
-    ``np.random.default_rng(seed)`` serves the whole chunk.
+    ``np.random.default_rng(seed)`` serves the whole chunk. ``noise``, ``ou_theta``, ``ou_sigma``: the
+    random actions' process without ``policy`` (``random_actions``).
     """
     L = int(episode_length)
     if not 2 <= L <= 501:
@@ -84,6 +125,8 @@ def generate_chunk(
     ids = [task_id(t) for t in task_sequence]
     if not ids:
         raise ValueError("empty task_sequence")
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
     rng = np.random.default_rng(seed)
     envs = {}
     n = len(ids)
@@ -97,7 +140,7 @@ def generate_chunk(
         for i, tid in enumerate(ids):
             if tid not in envs:
                 envs[tid] = make_env(tid, env_seed, max_episode_steps=L - 1)
-            ep = rollout(envs[tid], L, rng, policy)
+            ep = rollout(envs[tid], L, rng, policy, noise, ou_theta, ou_sigma)
             for k in ("obs", "action", "reward"):
                 out[k][i] = ep[k]
             out["task"][i] = tid
@@ -138,6 +181,7 @@ def generate(
     env_seed: int = 1,
     episode_length: int = 501,
     policy: Policy | None = None,
+    noise: str = "uniform",
 ) -> dict[str, np.ndarray]:
     """Generate ``episodes_per_task`` episodes of each task and write them to ``path``.
 
@@ -148,7 +192,8 @@ def generate(
         seq = [t for _ in range(episodes_per_task) for t in tasks]
     else:
         seq = [t for t in tasks for _ in range(episodes_per_task)]
-    arrays = generate_chunk(seq, seed=seed, env_seed=env_seed, episode_length=episode_length, policy=policy)
+    arrays = generate_chunk(seq, seed=seed, env_seed=env_seed, episode_length=episode_length, policy=policy,
+                            noise=noise)
     write_chunk(path, arrays)
     return arrays
 
@@ -162,10 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--episode-length", type=int, default=501)
     p.add_argument("--seed", type=int, default=101, help="action generator seed")
     p.add_argument("--env-seed", type=int, default=1)
+    p.add_argument("--noise", choices=NOISES, default="uniform", help="random actions: i.i.d. uniform or Ornstein-Uhlenbeck")
     p.add_argument("--grouped", action="store_true", help="per-task runs instead of interleaved episodes")
     a = p.parse_args(argv)
     arrays = generate(a.out, [int(t) if t.isdigit() else t for t in a.tasks], a.episodes,
-                      interleave=not a.grouped, seed=a.seed, env_seed=a.env_seed, episode_length=a.episode_length)
+                      interleave=not a.grouped, seed=a.seed, env_seed=a.env_seed, episode_length=a.episode_length, noise=a.noise)
     print(f"wrote {a.out}: {arrays['obs'].shape[0]} episodes x {arrays['obs'].shape[1]} steps")
     return 0
 
