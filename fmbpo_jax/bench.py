@@ -44,9 +44,9 @@ Other switches: ``--breakdown`` (WM step / actor step / critic steps of one run,
 ``--batch-size/--horizon/--critic-iterations`` (shrink for tests), ``--profile DIR`` (trace one more call of
 each row with ``jax.profiler`` into ``DIR/<row>/`` (Perfetto/TensorBoard) and store the ops that took the most
 time, with their source op names, in the row and ``DIR/<row>/top_ops.txt``; on CPU it turns on XLA's per-op
-trace events, ``--xla_cpu_enable_xprof_traceme``, when jax has not started yet). ``--remat on`` recomputes the rollout steps
-in the backward pass (``--config.remat``). Rows are timed on in-memory random data
-with the initial params replicated over runs: speed does not depend on the values.
+trace events, ``--xla_cpu_enable_xprof_traceme``, when jax has not started yet). ``--remat on`` recomputes
+the rollout steps in the backward pass (``--config.remat``). Rows are timed on in-memory random data with the
+initial params replicated over runs: speed does not depend on the values.
 
 FLOP formula (:func:`epoch_flops`): a dense layer on ``rows`` rows costs ``2 * rows * in * out`` forward;
 its backward is an input gradient (same cost) plus a weight gradient (same cost), i.e. backward = 2x
