@@ -39,7 +39,9 @@ Usage::
 
 Other switches: ``--breakdown`` (WM step / actor step / critic steps of one run, each jitted alone),
 ``--min-call-seconds`` (repeat short chunks back-to-back inside one timed sample), ``--compile-workers N``
-(trace every row, compile them concurrently, then time them one by one: the GPU script), ``--task-chunk`` /
+(trace every row, compile them concurrently, then time them one by one; with ``--pipeline`` each row is timed
+as soon as its program is ready, while later rows compile: the GPU script), ``--rows V:T:P[:SIZE],...``
+(explicit rows in priority order, so a time limit cuts the least important ones), ``--task-chunk`` /
 ``--finetune-task-chunk`` (lax.map the run axis for memory), ``--max-seconds`` (skip rows not started in time),
 ``--batch-size/--horizon/--critic-iterations`` (shrink for tests), ``--profile DIR`` (trace one more call of
 each row with ``jax.profiler`` into ``DIR/<row>/`` (Perfetto/TensorBoard) and store the ops that took the most
@@ -64,6 +66,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -391,6 +394,10 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
 
 
+def _label(row: dict) -> str:
+    return f"{row['variant']} size={row['size']} tasks={row['tasks']} seeds={row['seeds']} precision={row['precision']}"
+
+
 def _row_base(args, variant, size, tasks, precision) -> dict:
     return {"variant": variant, "size": size if not os.path.isfile(size) else os.path.basename(size), "tasks": tasks,
             "seeds": 1 if VARIANTS[variant].get("mode") == "pretrain" else args.seeds, "precision": precision,
@@ -686,39 +693,73 @@ def run_rows(rows: list[Row], args, peaks: dict, t_start: float, log: Callable, 
     def over_budget():
         return args.max_seconds and time.perf_counter() - t_start > args.max_seconds
 
+    def elapsed() -> str:
+        return f"[{time.perf_counter() - t_start:6.0f} s]"
+
     def prepare(r: Row) -> None:
         try:
             lower_row(r)
             compile_row(r)
+            # printed before the timing, so a run killed in a long compile still shows which programs finished
+            log(f"    {elapsed()} compiled in {r.row['compile_s']:.1f} s")
         except Exception as e:  # noqa: BLE001 - one failing row (e.g. OOM) must not lose the others
             r.row["error"] = _error(e)
             r.lowered = r.compiled = None
 
     if args.compile_workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor, as_completed
 
-        for r in rows:  # tracing holds the GIL: lower in this thread; XLA compiles concurrently
-            try:
-                lower_row(r)
-            except Exception as e:  # noqa: BLE001
-                r.row["error"] = _error(e)
-        log(f"compiling {sum(r.lowered is not None for r in rows)} programs in {args.compile_workers} threads")
-        with ThreadPoolExecutor(args.compile_workers) as ex:
-            futures = [(r, ex.submit(compile_row, r)) for r in rows if r.lowered is not None]
-            for r, f in futures:
+        log(f"compiling {len(rows)} programs in {args.compile_workers} threads"
+            + (" (timing each as soon as it is ready)" if args.pipeline else ""))
+        ex = ThreadPoolExecutor(args.compile_workers)
+        futures = {}
+        if args.pipeline:
+            # the workers lower too (one at a time: tracing holds the GIL), so the first row is timed as soon as
+            # its own program is ready instead of after every row has been traced
+            trace_lock = threading.Lock()
+
+            def lower_and_compile(r: Row) -> None:
+                with trace_lock:
+                    lower_row(r)
+                compile_row(r)
+
+            futures = {ex.submit(lower_and_compile, r): r for r in rows}
+        else:
+            for r in rows:  # lower in this thread; XLA compiles concurrently, each as soon as it is lowered
                 try:
-                    f.result()
+                    lower_row(r)
+                    futures[ex.submit(compile_row, r)] = r
                 except Exception as e:  # noqa: BLE001
                     r.row["error"] = _error(e)
-                    r.lowered = None
+
+        def collect(f) -> None:
+            r = futures[f]
+            try:
+                f.result()
+                log(f"    {elapsed()} compiled {_label(r.row)} in {r.row['compile_s']:.1f} s")
+            except Exception as e:  # noqa: BLE001
+                r.row["error"] = _error(e)
+                r.lowered = None
+
+        if not args.pipeline:  # all compiled before any timing: nothing else runs while a row is timed
+            for f in as_completed(futures):  # logged as they finish: a long compile shows up while it runs
+                collect(f)
+        by_row = {id(r): f for f, r in futures.items()}
         for r in rows:
             r.row["compiled_concurrently"] = args.compile_workers
+            if args.pipeline and id(r) in by_row:
+                r.row["timed_while_compiling"] = True
     for r in rows:
+        if args.compile_workers > 1 and args.pipeline and id(r) in by_row:
+            if over_budget():  # do not wait for a program that will not be timed
+                by_row[id(r)].cancel()
+            else:
+                collect(by_row[id(r)])
         row = r.row
         if "error" not in row and over_budget():
             row["error"] = f"skipped: --max-seconds {args.max_seconds:.0f} reached"
         if "error" not in row:
-            log(f"... {row['variant']} size={row['size']} tasks={row['tasks']} seeds={row['seeds']} precision={row['precision']}")
+            log(f"... {elapsed()} {_label(row)}")
             try:
                 if r.compiled is None:
                     prepare(r)
@@ -743,6 +784,8 @@ def run_rows(rows: list[Row], args, peaks: dict, t_start: float, log: Callable, 
                 except Exception as e:  # noqa: BLE001
                     row["breakdown"] = {"error": _error(e)}
         on_row(row)
+    if args.compile_workers > 1:
+        ex.shutdown(wait=False, cancel_futures=True)  # compiles of skipped rows that have not started
 
 
 def vmap_check(args, variant: str, size: str, tasks: int, precision: str, multi_row: dict | None, peaks: dict,
@@ -884,13 +927,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-call-seconds", type=float, default=0.0,
                    help="repeat the chunk back-to-back within one timed sample until about this long (short GPU calls)")
     p.add_argument("--compile-workers", type=int, default=1,
-                   help=">1: lower every row first, compile them concurrently in threads, then time them one by one")
+                   help=">1: compile the rows concurrently in this many threads, then time them one by one")
+    p.add_argument("--pipeline", action="store_true",
+                   help="with --compile-workers > 1: time each row as soon as its program is ready while later rows "
+                        "still compile (for GPUs where compiling does not use the device, e.g. with "
+                        "--xla_gpu_autotune_level=0; never on CPU, where compiling takes the cores being timed)")
     p.add_argument("--peak-shape", default="", help="M,K,N of the peak matmul (default 512,1792,1792 on CPU, 8192^3 on GPU)")
     p.add_argument("--max-seconds", type=float, default=0.0, help="skip rows not started within this many seconds (0 = no limit)")
     p.add_argument("--profile", default="", metavar="DIR",
                    help="trace one extra call per row with jax.profiler into DIR/<row>/ and list its slowest ops")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the epoch's parts (WM step, actor step, critic steps) of one run, each jitted alone")
+    p.add_argument("--rows", default="",
+                   help="explicit rows in this order, VARIANT:TASKS:PRECISION[:SIZE], comma-separated (replaces the "
+                        "--variant x --size x --tasks x --precision product; SIZE defaults to the first --size); "
+                        "puts the rows that matter first when a time limit may cut the run short")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.variant == "main":
@@ -913,6 +964,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for t in args.task_counts:
         if not 1 <= t <= 30:
             p.error(f"--tasks {t}: must be 1..30 (MT30)")
+    args.row_specs = []
+    for item in (x.strip() for x in args.rows.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) not in (3, 4):
+            p.error(f"--rows item {item!r}: VARIANT:TASKS:PRECISION[:SIZE]")
+        v, t, x = parts[:3]
+        size = parts[3] if len(parts) == 4 else args.sizes[0]
+        if v not in VARIANTS:
+            p.error(f"--rows item {item!r}: variant {v!r} unknown (known {', '.join(VARIANTS)})")
+        if x not in PRECISIONS:
+            p.error(f"--rows item {item!r}: precision {x!r} unknown (use {', '.join(PRECISIONS)})")
+        if not t.isdigit() or not 1 <= int(t) <= 30:
+            p.error(f"--rows item {item!r}: tasks {t!r} must be 1..30 (MT30)")
+        args.row_specs.append((v, size, int(t), x))
+    if args.row_specs:  # the peaks and the vmap check follow the rows actually asked for
+        args.precisions = list(dict.fromkeys(x for _, _, _, x in args.row_specs))
+        args.variants = list(dict.fromkeys(v for v, _, _, _ in args.row_specs))
+        args.sizes = list(dict.fromkeys(sz for _, sz, _, _ in args.row_specs))
+        args.task_counts = sorted({t for _, _, t, _ in args.row_specs})
     if args.seeds < 1 or args.epochs_per_call < 1 or args.timed_calls < 1:
         p.error("--seeds, --epochs-per-call and --timed-calls must be >= 1")
     if args.peak_shape:
@@ -922,6 +994,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except (ValueError, AssertionError):
             p.error("--peak-shape: M,K,N")
     return args
+
+
+def row_plan(args) -> list[tuple[str, str, int, str]]:
+    """(variant, size, tasks, precision) of every row, in the order they run: --rows as given, else
+    precision-major over the --precision x --size x --tasks x --variant product."""
+    if getattr(args, "row_specs", None):
+        return list(args.row_specs)
+    return [(v, s, t, p) for p in args.precisions for s in args.sizes for t in args.task_counts for v in args.variants]
 
 
 def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict:
@@ -954,18 +1034,15 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) 
     meta["peak"] = peaks
     rows: list[dict] = []  # every planned row from the start ('status': pending -> done | error), in plan order
     planned = []
-    for p in args.precisions:
-        for s in args.sizes:
-            for t in args.task_counts:
-                for v in args.variants:
-                    try:
-                        r = plan_row(args, v, s, t, p)
-                        planned.append(r)
-                        rows.append(r.row)
-                    except Exception as e:  # noqa: BLE001
-                        row = _row_base(args, v, s, t, p)
-                        row["error"] = _error(e)
-                        rows.append(row)
+    for v, s, t, p in row_plan(args):
+        try:
+            r = plan_row(args, v, s, t, p)
+            planned.append(r)
+            rows.append(r.row)
+        except Exception as e:  # noqa: BLE001
+            row = _row_base(args, v, s, t, p)
+            row["error"] = _error(e)
+            rows.append(row)
     for row in rows:
         row["status"] = "error" if "error" in row else "pending"
     write_json(args.json, meta, rows)

@@ -102,3 +102,33 @@ def test_bench_tiny_run_writes_rows(tmp_path):
     assert glob.glob(os.path.join(row["profile_dir"], "**", "*.trace.json.gz"), recursive=True)
     table = bench.format_rows(data["rows"])
     assert "baseline-frozen" in table and "median s/ep" in table
+
+
+def test_cli_rows_give_an_explicit_order():
+    a = bench.parse_args(["--size", "48M", "--rows", "baseline-frozen:30:bf16,fullflow-finetune-k8k4:1:fp32-highest,"
+                          "baseline-frozen:1:bf16:tiny"])
+    assert bench.row_plan(a) == [("baseline-frozen", "48M", 30, "bf16"), ("fullflow-finetune-k8k4", "48M", 1, "fp32-highest"),
+                                 ("baseline-frozen", "tiny", 1, "bf16")]
+    assert a.precisions == ["bf16", "fp32-highest"] and a.task_counts == [1, 30]  # peaks follow the rows
+    # without --rows: precision-major over the product
+    b = bench.parse_args(["--variant", "baseline-frozen,baseline-finetune", "--tasks", "1,30", "--precision", "bf16,fp32-highest"])
+    assert bench.row_plan(b)[:3] == [("baseline-frozen", "5M", 1, "bf16"), ("baseline-finetune", "5M", 1, "bf16"),
+                                     ("baseline-frozen", "5M", 30, "bf16")]
+    for bad in ("baseline-frozen:31:bf16", "nope:1:bf16", "baseline-frozen:1:fp8", "baseline-frozen:1", "baseline-frozen:x:bf16"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--rows", bad])
+
+
+def test_bench_pipelined_rows_are_timed_in_the_given_order(tmp_path):
+    """--rows order, --compile-workers 2 --pipeline (time each row as soon as its program is ready)."""
+    out = tmp_path / "bench.json"
+    lines: list[str] = []
+    bench.main(["--rows", "baseline-frozen:2:fp32-highest:tiny,baseline-frozen:1:fp32-highest:tiny", "--batch-size", "16",
+                "--horizon", "4", "--critic-iterations", "1", "--epochs-per-call", "1", "--timed-calls", "1",
+                "--peak-shape", "128,128,128", "--compile-workers", "2", "--pipeline", "--json", str(out)], log=lines.append)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["tasks"], r["status"]) for r in rows] == [(2, "done"), (1, "done")], [r.get("error") for r in rows]
+    assert all(r["timed_while_compiling"] and r["compile_s"] > 0 and r["median_s_epoch"] > 0 for r in rows)
+    starts = [i for i, line in enumerate(lines) if line.startswith("... [")]
+    assert len(starts) == 2 and "tasks=2" in lines[starts[0]] and "tasks=1" in lines[starts[1]]
+    assert sum(" compiled baseline-frozen" in line for line in lines) == 2  # each compile logged when it finishes
