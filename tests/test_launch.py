@@ -253,3 +253,32 @@ def test_tpu_vm_script_is_a_dry_run():
     assert lines[0].startswith("gcloud compute tpus tpu-vm create fmbpo-tpu") and "--accelerator-type=v4-32" in lines[0]
     train = shlex.split(lines[-1])
     assert "--worker=all" in train and any("--multihost" in a and "configs/phase9.py:cond3" in a for a in train)
+
+
+def test_gpu_bench_script_runs_valid_bench_commands(tmp_path):
+    """launch/gpu_bench.sh with a stub interpreter: every bench command it would run parses, the 12 rows come
+    in priority order (bf16 first, 30 tasks first), and the main pass pipelines under the fast-compile flags."""
+    log = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\nif [ "$1" = -m ]; then printf "%s\\0" "XLA_FLAGS=$XLA_FLAGS" "$@" >> "$LOG"; '
+                    'printf "\\n" >> "$LOG"; fi\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub), LOG=str(log), PATH="/usr/bin:/bin", XLA_FLAGS="")
+    p = subprocess.run(["bash", os.path.join(ROOT, "launch", "gpu_bench.sh"), str(tmp_path / "b.json")],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    calls = [c.strip("\n").split("\0") for c in log.read_text().split("\0\n") if c.strip("\n")]
+    assert len(calls) == 2  # main pass + autotune probe
+    from fmbpo_jax import bench
+
+    (flags, m, mod, *argv), (flags2, _, _, *argv2) = calls
+    assert (m, mod) == ("-m", "fmbpo_jax.bench")
+    assert "--xla_gpu_enable_triton_gemm=false" in flags and "--xla_gpu_autotune_level=0" in flags
+    assert "triton" not in flags2  # the probe keeps XLA's default GEMM autotuning
+    a, a2 = bench.parse_args(argv), bench.parse_args(argv2)
+    plan = bench.row_plan(a)
+    assert len(plan) == 12 and len(set(plan)) == 12 and a.pipeline and a.compile_workers > 1
+    assert {(v, t, x) for v, _, t, x in plan} == set(itertools.product(
+        ["baseline-frozen", "baseline-finetune", "fullflow-finetune-k8k4"], [1, 30], ["bf16", "fp32-highest"]))
+    assert [x for *_, x in plan] == ["bf16"] * 6 + ["fp32-highest"] * 6 and plan[0] == ("baseline-frozen", "48M", 30, "bf16")
+    assert a.json == str(tmp_path / "b.json") and a2.json == str(tmp_path / "b_autotune.json") and not a2.pipeline
