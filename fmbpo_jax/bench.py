@@ -757,7 +757,7 @@ def run_rows(rows: list[Row], args, peaks: dict, t_start: float, log: Callable, 
                 collect(by_row[id(r)])
         row = r.row
         if "error" not in row and over_budget():
-            row["error"] = f"skipped: --max-seconds {args.max_seconds:.0f} reached"
+            row["error"] = f"skipped: --max-seconds {args.max_seconds:g} reached"
         if "error" not in row:
             log(f"... {elapsed()} {_label(row)}")
             try:
@@ -1078,5 +1078,16 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) 
     return {"meta": meta, "rows": rows}
 
 
+def _leftover_compiles(threads=None) -> bool:
+    """True while a compile worker still runs (a row skipped by --max-seconds whose compile had started):
+    a live non-daemon thread other than the main one (`threads`: default all of this process's)."""
+    threads = threading.enumerate() if threads is None else threads
+    return any(t.is_alive() and not t.daemon for t in threads if t is not threading.main_thread())
+
+
 if __name__ == "__main__":
     main()
+    if _leftover_compiles():  # everything is written and printed: do not hold a (GPU) machine for unused programs
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

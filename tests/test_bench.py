@@ -132,3 +132,21 @@ def test_bench_pipelined_rows_are_timed_in_the_given_order(tmp_path):
     starts = [i for i, line in enumerate(lines) if line.startswith("... [")]
     assert len(starts) == 2 and "tasks=2" in lines[starts[0]] and "tasks=1" in lines[starts[1]]
     assert sum(" compiled baseline-frozen" in line for line in lines) == 2  # each compile logged when it finishes
+
+
+def test_leftover_compiles_sees_running_worker_threads():
+    import threading
+
+    gate = threading.Event()
+    worker = threading.Thread(target=gate.wait)  # a compile of a skipped row, still running
+    helper = threading.Thread(target=gate.wait, daemon=True)  # daemon threads never hold the exit
+    worker.start()
+    helper.start()
+    try:
+        assert bench._leftover_compiles([threading.main_thread(), worker, helper])
+        assert not bench._leftover_compiles([threading.main_thread(), helper])
+    finally:
+        gate.set()
+        worker.join()
+        helper.join()
+    assert not bench._leftover_compiles([threading.main_thread(), worker])  # finished
