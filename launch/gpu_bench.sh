@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark (issue 9): the rows that matter, on ONE GPU, in under 10 minutes, into ONE JSON.
+# One-shot GPU benchmark (issue 9): the rows that matter, on ONE GPU, in under 8 minutes, into ONE JSON.
 #
 #   48M x {1, 30} tasks x {baseline-frozen, baseline-finetune, fullflow-finetune-k8k4} x {bf16, fp32-highest}
 #   = 12 rows, reference per-epoch work (--preset reference: one WM step on the policy batch of 512),
 #   then a compile-time probe: 2 rows again under XLA's default GEMM autotuning.
 #
-# Usage (install steps assumed done; run from anywhere):
-#   launch/gpu_bench.sh [OUT.json]            # default: ${OUT:-.}/gpu_bench.json (+ OUT_autotune.json)
+# Usage (install steps assumed done, i.e. jax[cuda], flax, optax and ml_collections importable; on the H200
+# image of the first GPU session only ml_collections was missing; run from anywhere):
+#   launch/gpu_bench.sh [OUT.json]   # default ${OUT:-.}/gpu_bench.json; the probe writes OUT_autotune.json beside it
 # Then paste the printed table into the README's "Performance" section with the GPU named.
 #
 # Why these flags. On an H200 (jax 0.11.2, first GPU session) XLA's default compile of these programs took
@@ -20,9 +21,10 @@
 #
 # Time plan: rows in priority order (bf16 first, 30 tasks first), 1 warm-up call + 3 timed samples of
 # 1 epoch per call (short calls repeated back-to-back to >= 0.5 s per sample, synchronised at the end).
-# Rows not started by BENCH_MAX_SECONDS (330) are written as 'skipped'; a row that fails (e.g. OOM) is
+# Rows not started by BENCH_MAX_SECONDS (270) are written as 'skipped'; a row that fails (e.g. OOM) is
 # written with its error and the others still run. The JSON is rewritten after every row, so a killed run
-# keeps its rows; each compile is logged with its time as it finishes.
+# keeps its rows; each compile is logged with its time as it finishes. Limits: main pass 330 s
+# (BENCH_TIMEOUT), probe 140 s (PROBE_TIMEOUT): 7 min 50 s at most, plus start-up.
 # Memory: the 30-task fine-tuning rows lax.map the run axis in groups of 10 (--finetune-task-chunk), so
 # 48M full-flow K8 fits one 80 GB GPU; frozen-WM rows vmap all 30 runs.
 set -uo pipefail
@@ -51,14 +53,14 @@ COMMON=(--size 48M --seeds 1 --preset reference --epochs-per-call 1 --timed-call
 # script: BENCH_ARGS="--size tiny --batch-size 16 --horizon 4 --critic-iterations 1"
 read -r -a EXTRA <<< "${BENCH_ARGS:-}"
 
-XLA_FLAGS="${XLA_FLAGS:-} $FAST_FLAGS" timeout --signal=TERM "${BENCH_TIMEOUT:-400}" "$PY" -m fmbpo_jax.bench \
+XLA_FLAGS="${XLA_FLAGS:-} $FAST_FLAGS" timeout --signal=TERM "${BENCH_TIMEOUT:-330}" "$PY" -m fmbpo_jax.bench \
   --rows "$ROWS" "${COMMON[@]}" --compile-workers 6 --pipeline \
-  --max-seconds "${BENCH_MAX_SECONDS:-330}" --json "$OUT_JSON" "${EXTRA[@]}"
+  --max-seconds "${BENCH_MAX_SECONDS:-270}" --json "$OUT_JSON" "${EXTRA[@]}"
 rc=$?
 
 if [ "${GPU_BENCH_PROBE:-1}" != 0 ]; then
   # XLA's default GEMM handling (Triton fusions autotuned against cuBLAS); compiles use the GPU, so no pipelining
-  timeout --signal=TERM "${PROBE_TIMEOUT:-150}" "$PY" -m fmbpo_jax.bench \
+  timeout --signal=TERM "${PROBE_TIMEOUT:-140}" "$PY" -m fmbpo_jax.bench \
     --rows "baseline-frozen:1:bf16,baseline-finetune:1:bf16" "${COMMON[@]}" --compile-workers 1 \
     --json "${OUT_JSON%.json}_autotune.json" "${EXTRA[@]}" || echo "autotune probe stopped (rc $?): its JSON keeps the finished rows"
 fi
