@@ -689,7 +689,8 @@ def breakdown(r: Row, args) -> dict:
 
 
 def run_rows(rows: list[Row], args, peaks: dict, t_start: float, log: Callable, on_row: Callable) -> None:
-    """Lower and compile (in parallel threads when --compile-workers > 1), then execute one row at a time."""
+    """Lower and compile (in parallel threads when --compile-workers > 1), then execute one row at a time, in
+    the given order; with --pipeline a row is executed as soon as its own program is ready."""
     def over_budget():
         return args.max_seconds and time.perf_counter() - t_start > args.max_seconds
 
