@@ -707,6 +707,7 @@ def run_rows(rows: list[Row], args, peaks: dict, t_start: float, log: Callable, 
             r.row["error"] = _error(e)
             r.lowered = r.compiled = None
 
+    pending: dict = {}  # --pipeline: id(row) -> the future of its compile
     if args.compile_workers > 1:
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -742,20 +743,21 @@ def run_rows(rows: list[Row], args, peaks: dict, t_start: float, log: Callable, 
                 r.row["error"] = _error(e)
                 r.lowered = None
 
-        if not args.pipeline:  # all compiled before any timing: nothing else runs while a row is timed
+        if args.pipeline:  # row -> its compile, waited for just before the row is timed
+            pending = {id(r): f for f, r in futures.items()}
+        else:  # all compiled before any timing: nothing else runs while a row is timed
             for f in as_completed(futures):  # logged as they finish: a long compile shows up while it runs
                 collect(f)
-        by_row = {id(r): f for f, r in futures.items()}
         for r in rows:
             r.row["compiled_concurrently"] = args.compile_workers
-            if args.pipeline and id(r) in by_row:
+            if id(r) in pending:
                 r.row["timed_while_compiling"] = True
     for r in rows:
-        if args.compile_workers > 1 and args.pipeline and id(r) in by_row:
+        if id(r) in pending:
             if over_budget():  # do not wait for a program that will not be timed
-                by_row[id(r)].cancel()
+                pending[id(r)].cancel()
             else:
-                collect(by_row[id(r)])
+                collect(pending[id(r)])
         row = r.row
         if "error" not in row and over_budget():
             row["error"] = f"skipped: --max-seconds {args.max_seconds:g} reached"
@@ -1000,7 +1002,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def row_plan(args) -> list[tuple[str, str, int, str]]:
     """(variant, size, tasks, precision) of every row, in the order they run: --rows as given, else
     precision-major over the --precision x --size x --tasks x --variant product."""
-    if getattr(args, "row_specs", None):
+    if args.row_specs:
         return list(args.row_specs)
     return [(v, s, t, p) for p in args.precisions for s in args.sizes for t in args.task_counts for v in args.variants]
 
