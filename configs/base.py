@@ -116,6 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain.iters = 200_000
     c.pretrain.batch_size = 1024
     c.pretrain.best_every = 1000  # keep the best (lowest) loss checkpoint, checked every N iters
+    # resumable state (WM, Adam, best so far) every N iters (a multiple of best_every), at the end and on SIGTERM;
+    # a rerun with the same --workdir continues from it
+    c.pretrain.checkpoint_every = 5000
     c.pretrain.seed = 42
 
     # ---- demo (configs/demo.py): collect -> pretrain -> policies

@@ -41,6 +41,7 @@ def get_config():
     c.pretrain.iters = 2000
     c.pretrain.batch_size = 256
     c.pretrain.best_every = 500
+    c.pretrain.checkpoint_every = 1000
     c.demo.episodes_per_task = 20
     c.demo.episode_length = 501
     # temporally correlated random actions for the WM's data: i.i.d. uniform ones average out, so they never

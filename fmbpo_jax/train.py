@@ -333,6 +333,20 @@ def _select_best(best: dict, snap: dict, improved: jax.Array) -> dict:
 # ===================================================================================== host-side helpers
 
 
+def truncate_jsonl(path: str, keep: Callable[[dict], bool]) -> None:
+    """Keep only the rows of a JSONL log that `keep` accepts (rows written after the checkpoint a run resumes from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            if keep(r):
+                f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
 class RunLog:
     """Append-only JSONL logs in the workdir; on resume rows at or past the restored epoch are dropped."""
 
@@ -341,23 +355,10 @@ class RunLog:
         self.eval_path = os.path.join(workdir, "eval.jsonl")
         self.diag_path = os.path.join(workdir, "diagnostics.jsonl")
 
-    @staticmethod
-    def _truncate(path: str, keep: Callable[[dict], bool]) -> None:
-        if not os.path.exists(path):
-            return
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in rows:
-                if keep(r):
-                    f.write(json.dumps(r) + "\n")
-        os.replace(tmp, path)
-
     def resume_at(self, epoch: int, last_eval_epoch: int) -> None:
-        self._truncate(self.metrics_path, lambda r: r["epoch"] < epoch)
-        self._truncate(self.eval_path, lambda r: r["epoch"] <= last_eval_epoch)
-        self._truncate(self.diag_path, lambda r: r["epoch"] <= epoch)
+        truncate_jsonl(self.metrics_path, lambda r: r["epoch"] < epoch)
+        truncate_jsonl(self.eval_path, lambda r: r["epoch"] <= last_eval_epoch)
+        truncate_jsonl(self.diag_path, lambda r: r["epoch"] <= epoch)
 
     @staticmethod
     def _append(path: str, rows: list[dict]) -> None:
