@@ -2,8 +2,8 @@
 
 The reference keeps `{name}_best.pt` by the loss of ONE training batch checked every 1000 iterations (B15);
 we keep the best by the mean loss of the last `best_every` iterations, which ranks checkpoints by far
-less noise. Unlike the reference, a killed pretraining run resumes where it stopped. Outputs are converted checkpoint directories (`wm_best/`, `wm_last/`) that
-`--config.checkpoint` and `python -m convert_ckpt export` accept.
+less noise. Unlike the reference, a killed pretraining run resumes where it stopped. Outputs are converted
+checkpoint directories (`wm_best/`, `wm_last/`) that `--config.checkpoint` and `python -m convert_ckpt export` accept.
 """
 from __future__ import annotations
 
@@ -89,14 +89,14 @@ def pretrain_wm(config, workdir: str, log: Callable[[str], None] = print) -> dic
     fn = make_pretrain_chunk(cfg, every, p.batch_size)
     log_path = os.path.join(workdir, "pretrain.jsonl")
     tasks = [MT30_TASKS[t] for t in spec.task_ids]
-    best, best_params, done = float("inf"), None, 0
+    best, best_params, done, elapsed = float("inf"), None, 0, 0.0
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     if mngr.latest_step() is not None:
         restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
             train=ocp.args.StandardRestore({"state": state, "best_params": state["wm"]}), meta=ocp.args.JsonRestore()))
         state, meta = restored["train"]["state"], restored["meta"]
-        done = int(meta["iter"])
+        done, elapsed = int(meta["iter"]), float(meta["elapsed"])
         if meta["best"] is not None:
             best, best_params = float(meta["best"]), restored["train"]["best_params"]
         truncate_jsonl(log_path, lambda r: r["iter"] <= done)  # rows logged after that checkpoint are redone
@@ -106,10 +106,11 @@ def pretrain_wm(config, workdir: str, log: Callable[[str], None] = print) -> dic
         kept = state["wm"] if best_params is None else best_params
         mngr.save(done, args=ocp.args.Composite(
             train=ocp.args.StandardSave({"state": state, "best_params": kept}),
-            meta=ocp.args.JsonSave({"iter": done, "best": None if best_params is None else best})), force=True)
+            meta=ocp.args.JsonSave({"iter": done, "best": None if best_params is None else best,
+                                    "elapsed": time.time() - t0})), force=True)
         mngr.wait_until_finished()
 
-    t0 = time.time()
+    t0 = time.time() - elapsed  # elapsed_sec in the log continues across restarts
     with SigtermFlag() as sigterm, jax.default_matmul_precision(run_config.matmul_precision(config)):
         while done < p.iters:
             state, m = fn(state, data, jax.random.fold_in(k_run, done))
