@@ -131,6 +131,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.demo.exploration = "uniform"
     c.demo.ou_theta = 0.15  # OU mean reversion per agent step (correlation time ~ 1 / ou_theta steps)
     c.demo.ou_sigma = 0.4  # OU innovation std (stationary std 0.76 for theta 0.15, before the clip to [-1, 1])
+    # WM learning rate of the demo's joint variant, which fine-tunes the WM the demo just pretrained (0 = alg.model_lr,
+    # the pretraining lr; why the demo lowers it: configs/demo.py)
+    c.demo.joint_model_lr = 0.0
 
     # ---- run mechanics
     c.chunk_epochs = 100  # epochs per jitted call (lax.scan); logging/eval/checkpoint happen between chunks

@@ -100,7 +100,8 @@ def run_demo(config, workdir: str, log: Callable[[str], None] = print) -> list[d
     out = {}
     for name, finetune in (("frozen_wm", False), ("joint", True)):
         log(f"[demo] training policies: {name}")
-        c = _variant(config, mode="policy", finetune_wm=finetune, checkpoint=best, **{"data.dataset_dir": store})
+        lr = {"alg.model_lr": config.demo.joint_model_lr} if finetune and config.demo.joint_model_lr > 0 else {}
+        c = _variant(config, mode="policy", finetune_wm=finetune, checkpoint=best, **{"data.dataset_dir": store}, **lr)
         out[name] = train(c, os.path.join(workdir, name), log=log)["results"]
     tasks = [MT30_TASKS[t] for t in parse_tasks(config.tasks)]
     rnd = evaluate(random_policy, {"key": jax.random.PRNGKey(0)}, tasks, episodes=config.eval.episodes,
