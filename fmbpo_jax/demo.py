@@ -87,9 +87,10 @@ def untrained_returns(run_dir: str) -> dict[str, float]:
 def run_demo(config, workdir: str, log: Callable[[str], None] = print) -> list[dict]:
     from fmbpo_jax.envs.evaluate import evaluate
     from fmbpo_jax.pretrain import pretrain_wm
-    from fmbpo_jax.run_config import parse_tasks
+    from fmbpo_jax.run_config import parse_tasks, validate
     from fmbpo_jax.train import format_table, train
 
+    validate(config)  # a bad flag fails now, not after minutes of collection and pretraining
     os.makedirs(workdir, exist_ok=True)
     store = collect(config, workdir, log)
     pre_dir = os.path.join(workdir, "pretrain")

@@ -72,9 +72,6 @@ def pretrain_wm(config, workdir: str, log: Callable[[str], None] = print) -> dic
 
     run_config.validate(config)
     p = config.pretrain
-    if p.checkpoint_every <= 0 or p.checkpoint_every % p.best_every:
-        raise run_config.ConfigError(f"--config.pretrain.checkpoint_every={p.checkpoint_every} must be a positive multiple of "
-                                     f"--config.pretrain.best_every={p.best_every}")
     spec = run_config.run_spec(config)
     beh = run_config.behaviours(config)
     cfg = run_config.pwm_config(config)

@@ -114,6 +114,10 @@ def validate(config) -> None:
     need(config.precision in ("float32", "tf32", "bf16"), f"--config.precision={config.precision!r}: use float32 | tf32 | bf16")
     need(config.data.sampler in ("auto", "device", "host"), f"--config.data.sampler={config.data.sampler!r}: use auto | device | host")
     need(config.data.host_threads >= 1, f"--config.data.host_threads={config.data.host_threads}: must be >= 1")
+    pre = config.pretrain
+    need(pre.best_every > 0 and pre.checkpoint_every > 0 and pre.checkpoint_every % pre.best_every == 0,
+         f"--config.pretrain.checkpoint_every={pre.checkpoint_every} must be a positive multiple of "
+         f"--config.pretrain.best_every={pre.best_every}")
     need(config.model.size in SIZES or config.model.size == "custom",
          f"--config.model.size={config.model.size!r}: known sizes {sorted(SIZES)} or 'custom'")
     if config.checkpoint_required and not config.checkpoint:

@@ -12,8 +12,8 @@ import pytest
 from conftest import tiny_config
 
 
-def _pretrain_cfg(store, **kw):
-    return tiny_config(store, mode="pretrain_wm", **{"pretrain.iters": 40, "pretrain.best_every": 10,
+def _pretrain_cfg(store, mode="pretrain_wm", **kw):
+    return tiny_config(store, mode=mode, **{"pretrain.iters": 40, "pretrain.best_every": 10,
                                                      "pretrain.checkpoint_every": 20, "pretrain.batch_size": 16, **kw})
 
 
@@ -67,8 +67,14 @@ def test_sigterm_then_rerun_resumes_bitwise(tiny_store, tmp_path):
 
 
 def test_checkpoint_every_must_be_a_multiple_of_best_every(tiny_store, tmp_path):
+    from fmbpo_jax.demo import run_demo
     from fmbpo_jax.pretrain import pretrain_wm
     from fmbpo_jax.run_config import ConfigError
 
+    bad = {"pretrain.checkpoint_every": 15}
     with pytest.raises(ConfigError, match=r"pretrain\.checkpoint_every=15 .*pretrain\.best_every=10"):
-        pretrain_wm(_pretrain_cfg(tiny_store, **{"pretrain.checkpoint_every": 15}), str(tmp_path / "x"), log=lambda s: None)
+        pretrain_wm(_pretrain_cfg(tiny_store, **bad), str(tmp_path / "x"), log=lambda s: None)
+    # the demo stops before collecting anything
+    with pytest.raises(ConfigError, match=r"pretrain\.checkpoint_every=15"):
+        run_demo(_pretrain_cfg(tiny_store, mode="demo", **bad), str(tmp_path / "demo"), log=lambda s: None)
+    assert not (tmp_path / "demo").exists()
