@@ -99,6 +99,8 @@ def pretrain_wm(config, workdir: str, log: Callable[[str], None] = print) -> dic
         truncate_jsonl(log_path, lambda r: r["iter"] <= done)  # rows logged after that checkpoint are redone
         log(f"resumed WM pretraining from {workdir} at iter {done}")
 
+    t0 = time.time() - elapsed  # elapsed_sec in the log continues across restarts
+
     def save():
         kept = state["wm"] if best_params is None else best_params
         mngr.save(done, args=ocp.args.Composite(
@@ -107,7 +109,6 @@ def pretrain_wm(config, workdir: str, log: Callable[[str], None] = print) -> dic
                                     "elapsed": time.time() - t0})), force=True)
         mngr.wait_until_finished()
 
-    t0 = time.time() - elapsed  # elapsed_sec in the log continues across restarts
     with SigtermFlag() as sigterm, jax.default_matmul_precision(run_config.matmul_precision(config)):
         while done < p.iters:
             state, m = fn(state, data, jax.random.fold_in(k_run, done))

@@ -6,17 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import pathlib
 import re
 import signal
-import subprocess
 import sys
 
 import pytest
+from test_main_e2e import EXIT_REQUEUE, read_jsonl, start
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXIT_REQUEUE = 75
 SHRINK = ["--config.tasks=pendulum-spin,cartpole-swingup", "--config.demo.episodes_per_task=2",
           "--config.demo.episode_length=41", "--config.pretrain.iters=200", "--config.pretrain.best_every=10",
           "--config.pretrain.checkpoint_every=100", "--config.pretrain.batch_size=16", "--config.model.latent_dim=16",
@@ -32,9 +28,7 @@ SHRINK = ["--config.tasks=pendulum-spin,cartpole-swingup", "--config.demo.episod
 
 def run_until(workdir, line_prefix=None, sig=None, timeout=600):
     """Run the demo CLI; when a stdout line starts with line_prefix, send sig. Returns (returncode, output)."""
-    args = [sys.executable, "-m", "fmbpo_jax.main", f"--workdir={workdir}", *SHRINK]  # no --config: the demo default
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MUJOCO_GL="disable", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start([sys.executable, "-m", "fmbpo_jax.main", f"--workdir={workdir}", *SHRINK])  # no --config: the demo
     out = []
     try:
         for line in proc.stdout:
@@ -66,14 +60,14 @@ def test_demo_stopped_in_pretraining_resumes_and_finishes(tmp_path):
 
     for path in ("store/index.json", "pretrain/wm_best", "pretrain/wm_last", "pretrain/pretrain.jsonl", "demo_results.md"):
         assert (wd / path).exists(), path
-    iters = [json.loads(line)["iter"] for line in open(wd / "pretrain" / "pretrain.jsonl")]
+    iters = [r["iter"] for r in read_jsonl(wd / "pretrain" / "pretrain.jsonl")]
     assert iters == list(range(10, 201, 10))  # no row twice, none missing across the SIGTERM
     lr = {}
     for variant in ("frozen_wm", "joint"):
         d = wd / variant
         for f in ("results.csv", "summary.md", "config.json", "metrics.jsonl", "eval.jsonl", "checkpoints"):
             assert (d / f).exists(), (variant, f)
-        keys = [(r["epoch"], r["task"]) for r in map(json.loads, open(d / "metrics.jsonl"))]
+        keys = [(r["epoch"], r["task"]) for r in read_jsonl(d / "metrics.jsonl")]
         assert sorted(keys) == sorted({(e, t) for e in (0, 10, 20) for t in ("pendulum-spin", "cartpole-swingup")})
         rows = list(csv.DictReader(open(d / "results.csv")))
         assert sorted(r["task"] for r in rows) == ["cartpole-swingup", "pendulum-spin"]
@@ -81,7 +75,7 @@ def test_demo_stopped_in_pretraining_resumes_and_finishes(tmp_path):
         lr[variant] = json.load(open(d / "config.json"))["alg"]["model_lr"]
     # the joint variant fine-tunes at demo.joint_model_lr; pretraining used alg.model_lr
     assert lr == {"frozen_wm": 3e-4, "joint": 3e-5}
-    assert json.loads(open(wd / "pretrain" / "pretrain.jsonl").readline())["lr"] == 3e-4
+    assert read_jsonl(wd / "pretrain" / "pretrain.jsonl")[0]["lr"] == 3e-4
 
     table = open(wd / "demo_results.md").read()
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
