@@ -40,8 +40,9 @@ Usage::
 Other switches: ``--breakdown`` (WM step / actor step / critic steps of one run, each jitted alone),
 ``--min-call-seconds`` (repeat short chunks back-to-back inside one timed sample), ``--compile-workers N``
 (trace every row, compile them concurrently, then time them one by one; with ``--pipeline`` each row is timed
-as soon as its program is ready, while later rows compile: the GPU script), ``--rows V:T:P[:SIZE],...``
-(explicit rows in priority order, so a time limit cuts the least important ones), ``--task-chunk`` /
+as soon as its program is ready, while later rows compile: the GPU script), ``--rows V:T:P[:SIZE[:CHUNK]],...``
+(explicit rows in priority order, so a time limit cuts the least important ones; CHUNK is that row's
+``--task-chunk``), ``--task-chunk`` /
 ``--finetune-task-chunk`` (lax.map the run axis for memory), ``--max-seconds`` (skip rows not started in time),
 ``--batch-size/--horizon/--critic-iterations`` (shrink for tests), ``--profile DIR`` (trace one more call of
 each row with ``jax.profiler`` into ``DIR/<row>/`` (Perfetto/TensorBoard) and store the ops that took the most
@@ -424,6 +425,7 @@ def plan_row(args, variant: str, size: str, tasks: int, precision: str, data=Non
     seeds = 1 if mode == "pretrain" else args.seeds
     runs = 1 if mode == "pretrain" else n_tasks * seeds
     chunk = args.finetune_task_chunk if (pcfg.finetune_wm and args.finetune_task_chunk) else args.task_chunk
+    chunk = getattr(args, "row_chunks", {}).get((variant, size, tasks, precision), chunk)  # --rows ...:CHUNK wins
     chunk = chunk if 0 < chunk < runs else 0
     row = _row_base(args, variant, size, tasks, precision)
     row.update(mode=mode, unit="iteration" if mode == "pretrain" else "epoch", runs=runs,
@@ -620,7 +622,10 @@ def profile_call(r: Row, state, rest, out_dir: str, top: int = 20) -> list[dict]
         return []
     with gzip.open(traces[-1]) as f:
         ev = json.load(f)
-    ops = summarize_trace(ev["traceEvents"] if isinstance(ev, dict) else ev, r.compiled.as_text(), top)
+    hlo = r.compiled.as_text()
+    with open(os.path.join(out_dir, "program.hlo.txt"), "w") as f:  # to map a GPU trace's kernels to ops offline
+        f.write(hlo)
+    ops = summarize_trace(ev["traceEvents"] if isinstance(ev, dict) else ev, hlo, top)
     with open(os.path.join(out_dir, "top_ops.txt"), "w") as f:
         f.write("ms\tcalls\top\tshape\tsource\n")
         f.writelines(f"{o['ms']:.2f}\t{o['calls']}\t{o['op']}\t{o['shape']}\t{o['source']}\n" for o in ops)
@@ -942,8 +947,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true",
                    help="also time the epoch's parts (WM step, actor step, critic steps) of one run, each jitted alone")
     p.add_argument("--rows", default="",
-                   help="explicit rows in this order, VARIANT:TASKS:PRECISION[:SIZE], comma-separated (replaces the "
-                        "--variant x --size x --tasks x --precision product; SIZE defaults to the first --size); "
+                   help="explicit rows in this order, VARIANT:TASKS:PRECISION[:SIZE[:CHUNK]], comma-separated (replaces the "
+                        "--variant x --size x --tasks x --precision product; SIZE defaults to the first --size, empty "
+                        "allowed; CHUNK is this row's --task-chunk, e.g. 3 for 48M full flow x 30 tasks on an 80 GB GPU); "
                         "puts the rows that matter first when a time limit may cut the run short")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -968,14 +974,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if not 1 <= t <= 30:
             p.error(f"--tasks {t}: must be 1..30 (MT30)")
     args.row_specs = []
+    args.row_chunks = {}
     for item in (x.strip() for x in args.rows.split(",")):
         if not item:
             continue
         parts = item.split(":")
-        if len(parts) not in (3, 4):
-            p.error(f"--rows item {item!r}: VARIANT:TASKS:PRECISION[:SIZE]")
+        if len(parts) not in (3, 4, 5):
+            p.error(f"--rows item {item!r}: VARIANT:TASKS:PRECISION[:SIZE[:CHUNK]]")
         v, t, x = parts[:3]
-        size = parts[3] if len(parts) == 4 else args.sizes[0]
+        size = parts[3] if len(parts) >= 4 and parts[3] else args.sizes[0]
         if v not in VARIANTS:
             p.error(f"--rows item {item!r}: variant {v!r} unknown (known {', '.join(VARIANTS)})")
         if x not in PRECISIONS:
@@ -983,6 +990,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if not t.isdigit() or not 1 <= int(t) <= 30:
             p.error(f"--rows item {item!r}: tasks {t!r} must be 1..30 (MT30)")
         args.row_specs.append((v, size, int(t), x))
+        if len(parts) == 5:
+            if not parts[4].isdigit():
+                p.error(f"--rows item {item!r}: CHUNK {parts[4]!r} must be an integer >= 0 (runs per lax.map step; 0 = vmap all)")
+            args.row_chunks[(v, size, int(t), x)] = int(parts[4])
     if args.row_specs:  # the peaks and the vmap check follow the rows actually asked for
         args.precisions = list(dict.fromkeys(x for _, _, _, x in args.row_specs))
         args.variants = list(dict.fromkeys(v for v, _, _, _ in args.row_specs))

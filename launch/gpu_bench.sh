@@ -16,7 +16,10 @@
 # many Triton configs per matmul fusion, on the GPU). So the main pass sends matmuls to cuBLAS with its
 # own heuristics, as PyTorch does (--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0): compiling
 # then does not use the GPU, so each row is timed as soon as its program is ready while later rows compile
-# (--pipeline). The probe measures what autotuning costs in compile time and gives in speed. Set
+# (--pipeline). The probe measures what autotuning costs in compile time and gives in speed. In the second
+# GPU session (2026-11-28, same image) this script ran as it is: the 12 programs compiled in 15-76 s each
+# (6 threads), and the probe's default-autotuned programs compiled in 26-30 s (one thread) and ran within 2%
+# of the cuBLAS ones, so the first session's stall is not explained by autotuning alone. Set
 # BENCH_XLA_FLAGS to override the main pass's flags, GPU_BENCH_PROBE=0 to skip the probe.
 #
 # Time plan: rows in priority order (bf16 first, 30 tasks first), 1 warm-up call + 3 timed samples of
@@ -25,8 +28,10 @@
 # written with its error and the others still run. The JSON is rewritten after every row, so a killed run
 # keeps its rows; each compile is logged with its time as it finishes. Limits: main pass 330 s
 # (BENCH_TIMEOUT), probe 140 s (PROBE_TIMEOUT): 7 min 50 s at most, plus start-up.
-# Memory: the 30-task fine-tuning rows lax.map the run axis in groups of 10 (--finetune-task-chunk), so
-# 48M full-flow K8 fits one 80 GB GPU; frozen-WM rows vmap all 30 runs.
+# Memory (measured on an H200, 2026-11-28): the 30-task baseline fine-tuning rows lax.map the run axis in groups
+# of 10 (--finetune-task-chunk; 32-39 GB), the 30-task full-flow K8/K4 rows in groups of 3 (the row's ::3;
+# 52-55 GB; groups of 10 asked for 164-177 GB and failed); frozen-WM rows vmap all 30 runs (36-37 GB).
+# Measured rows and timings: README "On a GPU", launch/results/h200_2026-11-28/.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,9 +49,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 ROWS="baseline-frozen:30:bf16,baseline-frozen:1:bf16,baseline-finetune:1:bf16,fullflow-finetune-k8k4:1:bf16"
-ROWS+=",baseline-finetune:30:bf16,fullflow-finetune-k8k4:30:bf16"
+ROWS+=",baseline-finetune:30:bf16,fullflow-finetune-k8k4:30:bf16::3"
 ROWS+=",baseline-frozen:1:fp32-highest,baseline-frozen:30:fp32-highest,baseline-finetune:1:fp32-highest"
-ROWS+=",fullflow-finetune-k8k4:1:fp32-highest,baseline-finetune:30:fp32-highest,fullflow-finetune-k8k4:30:fp32-highest"
+ROWS+=",fullflow-finetune-k8k4:1:fp32-highest,baseline-finetune:30:fp32-highest,fullflow-finetune-k8k4:30:fp32-highest::3"
 COMMON=(--size 48M --seeds 1 --preset reference --epochs-per-call 1 --timed-calls 3 --min-call-seconds 0.5
         --finetune-task-chunk 10)
 # BENCH_ARGS: extra bench flags appended to both passes (later flags win), e.g. a CPU smoke test of this

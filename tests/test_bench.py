@@ -114,9 +114,20 @@ def test_cli_rows_give_an_explicit_order():
     b = bench.parse_args(["--variant", "baseline-frozen,baseline-finetune", "--tasks", "1,30", "--precision", "bf16,fp32-highest"])
     assert bench.row_plan(b)[:3] == [("baseline-frozen", "5M", 1, "bf16"), ("baseline-finetune", "5M", 1, "bf16"),
                                      ("baseline-frozen", "5M", 30, "bf16")]
-    for bad in ("baseline-frozen:31:bf16", "nope:1:bf16", "baseline-frozen:1:fp8", "baseline-frozen:1", "baseline-frozen:x:bf16"):
+    for bad in ("baseline-frozen:31:bf16", "nope:1:bf16", "baseline-frozen:1:fp8", "baseline-frozen:1", "baseline-frozen:x:bf16",
+                "baseline-finetune:3:bf16:tiny:x", "baseline-finetune:3:bf16:tiny:1:2"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--rows", bad])
+
+
+def test_cli_rows_chunk_field_overrides_the_task_chunk_of_that_row_only():
+    """...:SIZE:CHUNK (SIZE may be empty): full flow x 30 tasks needs a smaller lax.map chunk than baseline fine-tuning."""
+    a = bench.parse_args(["--size", "tiny", "--finetune-task-chunk", "2", "--batch-size", "8", "--horizon", "2",
+                          "--rows", "fullflow-finetune-k4k2:3:fp32-highest::1,baseline-finetune:3:fp32-highest"])
+    (ff, base) = bench.row_plan(a)
+    assert ff == ("fullflow-finetune-k4k2", "tiny", 3, "fp32-highest")
+    assert bench.plan_row(a, *ff).row["task_chunk"] == 1
+    assert bench.plan_row(a, *base).row["task_chunk"] == 2  # --finetune-task-chunk still applies to the other row
 
 
 def test_bench_pipelined_rows_are_timed_in_the_given_order(tmp_path):

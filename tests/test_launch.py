@@ -281,4 +281,8 @@ def test_gpu_bench_script_runs_valid_bench_commands(tmp_path):
     assert {(v, t, x) for v, _, t, x in plan} == set(itertools.product(
         ["baseline-frozen", "baseline-finetune", "fullflow-finetune-k8k4"], [1, 30], ["bf16", "fp32-highest"]))
     assert [x for *_, x in plan] == ["bf16"] * 6 + ["fp32-highest"] * 6 and plan[0] == ("baseline-frozen", "48M", 30, "bf16")
+    # 48M full flow K8/K4 x 30 tasks in lax.map groups of 3 (groups of 10 needed 164-177 GB on an H200)
+    assert {k: c for k, c in a.row_chunks.items()} == {("fullflow-finetune-k8k4", "48M", 30, "bf16"): 3,
+                                                       ("fullflow-finetune-k8k4", "48M", 30, "fp32-highest"): 3}
+    assert a.finetune_task_chunk == 10
     assert a.json == str(tmp_path / "b.json") and a2.json == str(tmp_path / "b_autotune.json") and not a2.pipeline
