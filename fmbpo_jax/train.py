@@ -504,6 +504,35 @@ class TrainingStopped(RuntimeError):
     """A run kept producing non-finite updates; the message names the run and the quantity."""
 
 
+class OutOfDeviceMemory(TrainingStopped):
+    """The jitted chunk of epochs did not fit the device; the message names the flags that shrink it."""
+
+
+def out_of_memory_advice(err: BaseException, runs: int, task_chunk: int, remat: bool) -> str | None:
+    """What to change after XLA's RESOURCE_EXHAUSTED (compile or first call of the training chunk); None for other errors.
+
+    runs: runs per device (padded); task_chunk: --config.task_chunk (0 = all runs vmapped at once).
+    Why a message of our own: XLA's names only the allocation ("... 164.02GiB ... jit_chunk"), not the flags
+    that set it, and on one 80 GB GPU 48M full flow x 30 tasks needs --config.task_chunk=3 (README, Memory).
+    """
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text:
+        return None
+    at_once = task_chunk if 0 < task_chunk < runs else runs
+    fixes = []
+    if at_once > 1:
+        fixes.append(f"--config.task_chunk={max(1, at_once // 2)} (runs trained at once, lax.map over the rest; "
+                     "same numbers, activation memory roughly proportional)")
+    if not remat:
+        fixes.append("--config.remat=True (recompute each rollout step in the backward pass; same numbers)")
+    fixes.append("fewer runs per job (--config.tasks / --config.seeds), or --config.precision=bf16")
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
+    return (f"out of device memory in the training step with {at_once} of {runs} runs per device at once "
+            f"(--config.task_chunk={task_chunk}, --config.remat={remat}): {first}\n"
+            "Try " + "; or ".join(fixes) + ".\nThe last checkpoint in the workdir is intact: rerun with the new "
+            "flags to resume (README: 'Memory at 48M x 30 tasks').")
+
+
 def load_pretrained_wm(config, wm_cfg):
     """(WMConfig, params) from --config.checkpoint (a .pt or a converted dir), or None when unset.
 
@@ -805,10 +834,16 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
             while epoch < epochs:
                 n = min(config.chunk_epochs, epochs - epoch)
                 t0 = time.time()
-                if mode == "device":
-                    state, metrics = chunk_fn(n)(state, frozen_wm, data, run_pos, run_task)
-                else:
-                    state, metrics = chunk_fn(n)(state, frozen_wm, next_batches(n), run_task)
+                try:
+                    if mode == "device":
+                        state, metrics = chunk_fn(n)(state, frozen_wm, data, run_pos, run_task)
+                    else:
+                        state, metrics = chunk_fn(n)(state, frozen_wm, next_batches(n), run_task)
+                except Exception as e:  # noqa: BLE001 - only an out-of-memory error is rewritten, anything else re-raised
+                    advice = out_of_memory_advice(e, R_pad // mesh.shape[sharding.TASK], config.task_chunk, bool(config.remat))
+                    if advice is None:
+                        raise
+                    raise OutOfDeviceMemory(advice) from e
                 metrics = sharding.unpad(sharding.host_gather(metrics), R, axis=1)
                 rows = _metrics_rows(spec, metrics, epoch, config.log_freq, time.time() - t_start)
                 epoch += n

@@ -155,3 +155,32 @@ def test_host_sampler_training_resumes_bitwise(tiny_store, tmp_path):
     assert len(rows_a) == 2 * 3 and all(np.isfinite(r["actor_loss"]) and np.isfinite(r["value_loss"]) for r in rows_a)
     drop = lambda rows: [{k: v for k, v in r.items() if k != "total_time"} for r in rows]  # noqa: E731
     assert drop(rows_a) == drop(rows_b)
+
+
+def test_out_of_device_memory_names_the_flags_that_shrink_the_step(tiny_store, tmp_path, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED in the training chunk becomes an error naming --config.task_chunk / remat (what a
+    48M full-flow x 30-task run on one 80 GB GPU needs, measured: README 'Memory'); other errors pass unchanged."""
+    from fmbpo_jax import train as tr
+
+    def raising(exc):
+        return lambda fn, mesh: (lambda *args: (_ for _ in ()).throw(exc))
+
+    config = tiny_config(tiny_store, epochs=4, **{"eval.episodes": 0})  # 3 tasks x 1 seed, task_chunk 0, remat off
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 164.02GiB with "
+                                     "allocator GPU_0_bfc on device 0. [executable_name='jit_chunk']")
+    monkeypatch.setattr(tr.sharding, "shard_chunk_fn", raising(oom))
+    with pytest.raises(tr.OutOfDeviceMemory) as info:
+        tr.train(config, str(tmp_path / "oom"), log=lambda s: None)
+    msg = str(info.value)
+    assert "3 of 3 runs" in msg and "--config.task_chunk=1" in msg and "--config.remat=True" in msg and "164.02GiB" in msg
+    assert info.value.__cause__ is oom
+    assert isinstance(info.value, tr.TrainingStopped)  # main maps it to exit code 1 with the message
+
+    monkeypatch.setattr(tr.sharding, "shard_chunk_fn", raising(ValueError("not a memory problem")))
+    with pytest.raises(ValueError, match="not a memory problem"):
+        tr.train(config, str(tmp_path / "other"), log=lambda s: None)
+
+    # a chunked, rematerialised run: halve the chunk, do not suggest remat again
+    advice = tr.out_of_memory_advice(oom, runs=30, task_chunk=10, remat=True)
+    assert "10 of 30 runs" in advice and "--config.task_chunk=5" in advice and "remat=True (" not in advice
+    assert tr.out_of_memory_advice(RuntimeError("INTERNAL: something else"), runs=30, task_chunk=0, remat=False) is None
