@@ -9,6 +9,7 @@ Each stage resumes/skips when its outputs exist in the workdir.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Callable
 
 import jax
@@ -51,6 +52,13 @@ def collect(config, workdir: str, log: Callable) -> str:
     store = os.path.join(workdir, "store")
     if os.path.exists(os.path.join(store, "index.json")):
         return store
+    # a collection killed before StoreWriter's final rename leaves its temporary directory; a demo workdir is one
+    # job's, so nothing else can be writing one now
+    stale = [os.path.join(workdir, d) for d in os.listdir(workdir) if d.startswith(".store.tmp-")]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    if stale:
+        log(f"[demo] removed {len(stale)} unfinished collection(s) left by a stopped run")
     tids = list(parse_tasks(config.tasks))
     L = config.demo.episode_length
     d = config.demo

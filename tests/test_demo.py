@@ -46,9 +46,11 @@ def run_until(workdir, line_prefix=None, sig=None, timeout=600):
 @pytest.mark.slow
 def test_demo_stopped_in_pretraining_resumes_and_finishes(tmp_path):
     wd = tmp_path / "demo"
+    (wd / ".store.tmp-killed" / "data-000001").mkdir(parents=True)  # what a collection killed before its rename leaves
     rc, out = run_until(wd, "[pretrain 10/", signal.SIGTERM)
     assert rc == EXIT_REQUEUE, out
     assert "[demo] collecting 2 random episodes (ou actions) x 2 tasks" in out
+    assert "[demo] removed 1 unfinished collection(s)" in out and not list(wd.glob(".store.tmp-*"))
     stopped = int(re.search(r"checkpointed WM pretraining at iter (\d+)", out).group(1))
     assert 10 <= stopped < 200 and not (wd / "pretrain" / "wm_last").exists()
 
