@@ -83,7 +83,12 @@ def pretrain_wm(config, workdir: str, log: Callable[[str], None] = print) -> dic
     k_init, k_run = jax.random.split(key)
     state = pwm.wm_pretrain_init(cfg, k_init)
     every = max(1, min(p.best_every, p.iters))
-    fn = make_pretrain_chunk(cfg, every, p.batch_size)
+    chunk_fns: dict[int, Callable] = {}
+
+    def chunk_fn(n: int) -> Callable:  # `every` iterations per call; a shorter last call when iters is not a multiple
+        if n not in chunk_fns:
+            chunk_fns[n] = make_pretrain_chunk(cfg, n, p.batch_size)
+        return chunk_fns[n]
     log_path = os.path.join(workdir, "pretrain.jsonl")
     tasks = [MT30_TASKS[t] for t in spec.task_ids]
     best, best_params, done, elapsed = float("inf"), None, 0, 0.0
@@ -111,8 +116,9 @@ def pretrain_wm(config, workdir: str, log: Callable[[str], None] = print) -> dic
 
     with SigtermFlag() as sigterm, jax.default_matmul_precision(run_config.matmul_precision(config)):
         while done < p.iters:
-            state, m = fn(state, data, jax.random.fold_in(k_run, done))
-            done += every
+            n = min(every, p.iters - done)
+            state, m = chunk_fn(n)(state, data, jax.random.fold_in(k_run, done))
+            done += n
             loss = float(np.mean(np.asarray(m["wm_loss"])))
             row = {"iter": done, "wm_loss": loss, "dynamics_loss": float(np.mean(np.asarray(m["dynamics_loss"]))),
                    "reward_loss": float(np.mean(np.asarray(m["reward_loss"]))), "grad_norm": float(np.asarray(m["wm_grad_norm"])[-1]),

@@ -78,3 +78,11 @@ def test_checkpoint_every_must_be_a_multiple_of_best_every(tiny_store, tmp_path)
     with pytest.raises(ConfigError, match=r"pretrain\.checkpoint_every=15"):
         run_demo(_pretrain_cfg(tiny_store, mode="demo", **bad), str(tmp_path / "demo"), log=lambda s: None)
     assert not (tmp_path / "demo").exists()
+
+
+def test_iters_not_a_multiple_of_best_every_ends_at_iters(tiny_store, tmp_path):
+    """The last chunk is shorter: 25 iterations in chunks of 10 are 10, 20, 25 (it used to overshoot to 30)."""
+    from fmbpo_jax.pretrain import pretrain_wm
+
+    out = pretrain_wm(_pretrain_cfg(tiny_store, **{"pretrain.iters": 25}), str(tmp_path / "p"), log=lambda s: None)
+    assert out["total_iters"] == 25 and [r["iter"] for r in out["history"]] == [10, 20, 25]
