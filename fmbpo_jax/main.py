@@ -72,6 +72,9 @@ def main(argv):
     from fmbpo_jax.train import EXIT_REQUEUE, Preempted, TrainingStopped
 
     config = _CONFIG.value
+    from fmbpo_jax.run_config import apply_xla_flags
+
+    apply_xla_flags(config)  # before jax starts its backends (below), the only time XLA reads XLA_FLAGS
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it renames at INFO
     from fmbpo_jax import sharding
 

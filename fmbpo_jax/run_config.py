@@ -186,3 +186,29 @@ def compute_dtype(config) -> str:
 def matmul_precision(config) -> str:
     """jax.default_matmul_precision value for --config.precision."""
     return {"float32": "highest", "tf32": "tensorfloat32", "bf16": "bfloat16"}[config.precision]
+
+
+DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def apply_xla_flags(config) -> str | None:
+    """Put --config.deterministic's XLA flag into XLA_FLAGS; returns a warning when it comes too late to act.
+
+    XLA reads XLA_FLAGS once, when jax starts its backends (the first jax.devices() or computation), so the main
+    job calls this before anything touches a device; a library caller that already used jax gets the warning.
+    """
+    import os
+
+    if not config.get("deterministic", False):
+        return None
+    flags = os.environ.get("XLA_FLAGS", "")
+    if DETERMINISTIC_XLA_FLAG in flags.split():
+        return None
+    from jax._src import xla_bridge  # no public API tells whether the backends have started
+
+    started = xla_bridge.backends_are_initialized()
+    os.environ["XLA_FLAGS"] = (flags + " " + DETERMINISTIC_XLA_FLAG).strip()
+    if started:
+        return (f"--config.deterministic=True: jax had already started, so XLA will not read {DETERMINISTIC_XLA_FLAG} "
+                f"in this process; set XLA_FLAGS={DETERMINISTIC_XLA_FLAG} before starting Python (the main job does it itself)")
+    return None

@@ -648,8 +648,9 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
             f.write(config.to_json_best_effort(indent=2))
 
     precision = run_config.matmul_precision(config)
-    if config.deterministic:
-        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
+    late = run_config.apply_xla_flags(config)  # the main job applied it before jax started; this catches library use
+    if late:
+        log(f"warning: {late}")
     mode, data = open_data(config, spec, beh["episode_subsampling"], pcfg.horizon, multiprocess=multi)
 
     keys = run_keys(spec)

@@ -184,3 +184,29 @@ def test_out_of_device_memory_names_the_flags_that_shrink_the_step(tiny_store, t
     advice = tr.out_of_memory_advice(oom, runs=30, task_chunk=10, remat=True)
     assert "10 of 30 runs" in advice and "--config.task_chunk=5" in advice and "remat=True (" not in advice
     assert tr.out_of_memory_advice(RuntimeError("INTERNAL: something else"), runs=30, task_chunk=0, remat=False) is None
+
+
+def test_deterministic_flag_is_set_before_jax_starts_or_warns(monkeypatch):
+    """--config.deterministic=True: XLA reads XLA_FLAGS once, when jax starts its backends. Set before that (what the
+    main job does first), no warning; after (this test process has used jax), a warning that says what to do."""
+    import os
+    import subprocess
+    import sys
+
+    from ml_collections import ConfigDict
+
+    jax.devices()  # this process's backends are up
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+    assert run_config.apply_xla_flags(ConfigDict({"deterministic": False})) is None
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_thunk_runtime=true"
+    late = run_config.apply_xla_flags(ConfigDict({"deterministic": True}))
+    assert late and "XLA_FLAGS=--xla_gpu_deterministic_ops=true" in late
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_cpu_use_thunk_runtime=true", "--xla_gpu_deterministic_ops=true"]
+    assert run_config.apply_xla_flags(ConfigDict({"deterministic": True})) is None  # already there: nothing to say
+
+    code = ("import os; from ml_collections import ConfigDict; from fmbpo_jax import run_config; "
+            "w = run_config.apply_xla_flags(ConfigDict({'deterministic': True})); import jax; jax.devices(); "
+            "print(repr(w), os.environ['XLA_FLAGS'])")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["None", "--xla_gpu_deterministic_ops=true"]
