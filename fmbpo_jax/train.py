@@ -942,12 +942,13 @@ def final_evaluation(config, pcfg, spec, beh, groups, bundles, critics, best_ret
             planning = [evs[pos].run(b, seed=config.eval.seed + 2) for (_, pos), b in zip(groups, bundles)]
         mean = lambda r, su: r.mean()  # noqa: E731
         succ = lambda r, su: su.mean()  # noqa: E731
-        v_final, owned = per_run_values(spec, groups, final, [mean, succ])
+        std = lambda r, su: r.std()  # noqa: E731 - per-episode spread: what a margin over another policy is judged by
+        v_final, owned = per_run_values(spec, groups, final, [mean, succ, std])
         v_plan, _ = per_run_values(spec, groups, planning, [mean, succ])
-        vals = sharding.gather_runs(np.concatenate([v_final, v_plan]), owned)  # [4, R]
+        vals = sharding.gather_runs(np.concatenate([v_final, v_plan]), owned)  # [5, R]
         for r in range(spec.num_runs):
-            rows[r].update(final_return=float(vals[0, r]), final_success=float(vals[1, r]),
-                           planning_return=float(vals[2, r]), planning_success=float(vals[3, r]))
+            rows[r].update(final_return=float(vals[0, r]), final_return_std=float(vals[2, r]), final_success=float(vals[1, r]),
+                           planning_return=float(vals[3, r]), planning_success=float(vals[4, r]))
         if best_bundles is not None:
             best_res = [evs[pos].run(b, seed=config.eval.seed + 3) for (_, pos), b in zip(groups, best_bundles)]
             v_best, _ = per_run_values(spec, groups, best_res, [mean])
