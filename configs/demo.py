@@ -2,6 +2,9 @@
 
 No dataset or checkpoint needed: it collects random-policy episodes in dm_control, pretrains a small
 world model, trains policies on it (frozen and fine-tuned) and compares them with a random policy.
+
+Tasks: the two of the 19 MT30 tasks tried where this budget shows learning (README, "The demo"). cup-catch, the third task
+until 2026-11, was dropped: no variant ever learned it here (trained = untrained = one ball that starts in the cup).
 """
 from configs.base import get_config as base_config
 
@@ -10,7 +13,7 @@ def get_config():
     c = base_config()
     c.name = "demo"
     c.mode = "demo"
-    c.tasks = "cartpole-swingup,pendulum-spin,cup-catch"
+    c.tasks = "cartpole-swingup,pendulum-spin"
     c.seeds = "1"
     c.model.size = "custom"
     c.model.latent_dim = 64
@@ -38,11 +41,14 @@ def get_config():
     c.eval.mppi_elites = 8
     c.eval.mppi_policy_trajs = 8
     c.eval.mppi_iterations = 3
-    c.pretrain.iters = 2000
+    # 6,000 pretraining iterations (~2 min here): with 2,000 a WM on 100 episodes per task was under-fitted and every
+    # cartpole-swingup policy on it ended at the degenerate ~130 (4 of 4 seeds, also at H=16); with 6,000, on the
+    # same data, 4 of 4 learned (final 195-294)
+    c.pretrain.iters = 6000
     c.pretrain.batch_size = 256
     c.pretrain.best_every = 500
     c.pretrain.checkpoint_every = 1000
-    c.demo.episodes_per_task = 20
+    c.demo.episodes_per_task = 100  # collecting is cheap (seconds); the WM's iterations are what costs
     c.demo.episode_length = 501
     # temporally correlated random actions for the WM's data: i.i.d. uniform ones average out, so they never
     # caught the ball (0 of 10 cup-catch episodes) and swing the pole up less (cartpole-swingup return 49 vs 171
