@@ -525,7 +525,7 @@ def out_of_memory_advice(err: BaseException, runs: int, task_chunk: int, remat: 
                      "same numbers, activation memory roughly proportional)")
     if not remat:
         fixes.append("--config.remat=True (recompute each rollout step in the backward pass; same numbers)")
-    fixes.append("fewer runs per job (--config.tasks / --config.seeds), or --config.precision=bf16")
+    fixes.append("fewer runs per job (--config.tasks / --config.seeds)")
     first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
     return (f"out of device memory in the training step with {at_once} of {runs} runs per device at once "
             f"(--config.task_chunk={task_chunk}, --config.remat={remat}): {first}\n"
