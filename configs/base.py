@@ -140,7 +140,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_freq = 100  # log one row per task every N epochs (a multiple of chunk_epochs is exact)
     c.checkpoint_freq = 1000  # epochs between checkpoints (also at the end and on SIGTERM)
     c.task_chunk = 0  # >0: process the run axis in groups of this size with lax.map (memory); 1 = one run at a
-    # time, unbatched (fastest on CPU, where vmapped per-run matmuls become slow batched dots)
+    # time, unbatched (fastest on CPU, where vmapped per-run matmuls become slow batched dots); -1 = auto: the largest
+    # group whose compiled training step fits task_chunk_memory_gb (48M full flow x 30 tasks on 80 GB: 3, README Memory)
+    c.task_chunk_memory_gb = 0.0  # the memory budget of task_chunk=-1; 0 = 90% of the device's (no limit where unknown: CPU)
     c.data_parallel = 1  # devices per run group that split each run's batch (mesh 'data' axis; needs task_chunk=0)
     c.precision = "float32"  # 'float32' (full-precision matmuls) | 'tf32' (default matmul precision) | 'bf16'
     # (bfloat16 matmul operands with float32 accumulation, params, norms and optimizer: nets.bf16_matmul)

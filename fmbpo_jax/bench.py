@@ -358,19 +358,6 @@ def memory_stats() -> dict | None:
     return s or None
 
 
-def program_bytes(compiled) -> int | None:
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    if m is None:
-        return None
-    try:
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-    except AttributeError:
-        return None
-
-
 # --------------------------------------------------------------------------------------------- one row
 
 
@@ -514,6 +501,8 @@ def compile_row(r: Row) -> None:
     r.compiled = r.lowered.compile()
     r.row["compile_s"] = r.row.get("lower_s", 0.0) + time.perf_counter() - t0
     r.lowered = None
+    from fmbpo_jax.train import program_bytes
+
     pb = program_bytes(r.compiled)
     r.row["program_mem_gb"] = pb / 2**30 if pb else "n/a"
 

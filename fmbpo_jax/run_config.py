@@ -127,8 +127,8 @@ def validate(config) -> None:
     parse_seeds(config.seeds)
     behaviours(config)
     runs = len(parse_tasks(config.tasks)) * len(parse_seeds(config.seeds))
-    if config.task_chunk < 0 or (config.task_chunk and runs % config.task_chunk):
-        raise ConfigError(f"--config.task_chunk={config.task_chunk}: must be 0 or divide the number of runs ({runs})")
+    if config.task_chunk < -1 or (config.task_chunk > 0 and runs % config.task_chunk):
+        raise ConfigError(f"--config.task_chunk={config.task_chunk}: must be 0, -1 (auto) or divide the number of runs ({runs})")
 
 
 def model_configs(config, num_tasks: int = len(MT30_TASKS)) -> tuple[WMConfig, ActorConfig, CriticConfig]:

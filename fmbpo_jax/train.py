@@ -522,7 +522,8 @@ def out_of_memory_advice(err: BaseException, runs: int, task_chunk: int, remat: 
     fixes = []
     if at_once > 1:
         fixes.append(f"--config.task_chunk={max(1, at_once // 2)} (runs trained at once, lax.map over the rest; "
-                     "same numbers, activation memory roughly proportional)")
+                     "same numbers, activation memory roughly proportional), or --config.task_chunk=-1 to measure "
+                     "and take the largest group that fits")
     if not remat:
         fixes.append("--config.remat=True (recompute each rollout step in the backward pass; same numbers)")
     fixes.append("fewer runs per job (--config.tasks / --config.seeds)")
@@ -531,6 +532,59 @@ def out_of_memory_advice(err: BaseException, runs: int, task_chunk: int, remat: 
             f"(--config.task_chunk={task_chunk}, --config.remat={remat}): {first}\n"
             "Try " + "; or ".join(fixes) + ".\nThe last checkpoint in the workdir is intact: rerun with the new "
             "flags to resume (README: 'Memory at 48M x 30 tasks').")
+
+
+def program_bytes(compiled) -> int | None:
+    """Device memory a compiled program needs (XLA's memory analysis: arguments + outputs + temporaries - aliased)."""
+    try:
+        m = compiled.memory_analysis()
+        return None if m is None else int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                                          - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - backends without a memory analysis
+        return None
+
+
+def device_memory_budget(config) -> float | None:
+    """Bytes the training step may use under --config.task_chunk=-1: task_chunk_memory_gb, else 90% of the
+    device's limit (the rest: evaluation, checkpoint copies, allocator slack); None where the device reports none."""
+    gb = float(config.get("task_chunk_memory_gb", 0.0) or 0.0)
+    if gb > 0:
+        return gb * 1e9
+    try:
+        limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - backends without memory stats (CPU)
+        limit = None
+    return 0.9 * limit if limit else None
+
+
+def choose_task_chunk(runs: int, bytes_for: Callable[[int], int | None], budget: float | None,
+                      log: Callable[[str], None]) -> int:
+    """--config.task_chunk=-1: the largest group of runs whose compiled training step fits `budget` bytes.
+
+    Candidates: all runs at once (0), then the divisors of `runs` from the largest down to 1 (1 is kept even when
+    it does not fit: it is the smallest program there is, and XLA then names the shortfall). bytes_for(chunk)
+    compiles the step with that chunk and returns its memory (None: unknown, take it). After two compiles a
+    straight line through (group size, bytes) skips the candidates it predicts too big, so a 48M full-flow
+    x 30-task step on 80 GB needs about 3 compiles, not 6. No budget (a device that reports no limit, e.g. CPU): 0.
+    """
+    if not budget:
+        log("task_chunk=-1: the device reports no memory limit (set --config.task_chunk_memory_gb); all runs at once")
+        return 0
+    seen: dict[int, int] = {}  # group size -> bytes
+    for chunk in [0] + [d for d in range(runs - 1, 0, -1) if runs % d == 0]:
+        size = chunk or runs
+        if len(seen) >= 2 and chunk != 1:
+            (s1, b1), (s2, b2) = sorted(seen.items())[:2]
+            if b1 + (size - s1) * (b2 - b1) / (s2 - s1) > budget:
+                continue
+        need = bytes_for(chunk)
+        fits = need is None or need <= budget
+        log(f"task_chunk=-1: {size} of {runs} runs at once need {'?' if need is None else f'{need / 1e9:.1f}'} GB "
+            f"of {budget / 1e9:.1f} GB: {'fits' if fits else 'too big'}")
+        if fits:
+            return chunk
+        seen[size] = need
+    return 1
 
 
 def load_pretrained_wm(config, wm_cfg):
@@ -715,16 +769,37 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
         raise run_config.ConfigError(f"--config.data_parallel={data_parallel} needs --config.task_chunk=0 "
                                      f"(got {config.task_chunk})")
 
+    def device_chunk_fn(n: int, chunk: int) -> Callable:
+        return sharding.shard_chunk_fn(make_train_chunk(pcfg, n, config.alg.batch_size, config.alg.wm_batch_size, chunk,
+                                                        constrain=constrain), mesh)
+
+    task_chunk = int(config.task_chunk)
+    if task_chunk == -1:
+        if mode != "device":
+            raise run_config.ConfigError("--config.task_chunk=-1 (auto) measures the compiled step on device-resident "
+                                         f"data; this run samples on the host (--config.data.sampler={config.data.sampler!r}, "
+                                         "or a dataset too large for the device): set --config.task_chunk explicitly")
+        n0 = min(config.chunk_epochs, max(1, config.epochs - int(meta["epoch"])))
+        compiled: dict[int, Any] = {}
+
+        def bytes_for(chunk: int) -> int | None:
+            with jax.default_matmul_precision(precision):
+                compiled[chunk] = device_chunk_fn(n0, chunk).lower(state, frozen_wm, data, run_pos, run_task).compile()
+            return program_bytes(compiled[chunk])
+
+        task_chunk = choose_task_chunk(R_pad, bytes_for, device_memory_budget(config), log)
+        if task_chunk in compiled:
+            chunk_fns[n0] = compiled[task_chunk]  # the compiled step of the first chunk: not compiled twice
+        log(f"task_chunk=-1: using --config.task_chunk={task_chunk}")
+
     def chunk_fn(n: int) -> Callable:
         if n not in chunk_fns:
             if mode == "device":
-                chunk_fns[n] = sharding.shard_chunk_fn(
-                    make_train_chunk(pcfg, n, config.alg.batch_size, config.alg.wm_batch_size, config.task_chunk,
-                                     constrain=constrain), mesh)
+                chunk_fns[n] = device_chunk_fn(n, task_chunk)
             else:
                 chunk_fns[n] = sharding.shard_chunk_fn_host(
                     make_train_chunk_host(pcfg, len(spec.seeds), config.alg.batch_size, config.alg.wm_batch_size,
-                                          config.task_chunk, pad_index=sharding.pad_index(R, mesh), run_major=multi,
+                                          task_chunk, pad_index=sharding.pad_index(R, mesh), run_major=multi,
                                           constrain=constrain), mesh, run_major=multi)
         return chunk_fns[n]
 
@@ -841,7 +916,7 @@ def train(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: 
                     else:
                         state, metrics = chunk_fn(n)(state, frozen_wm, next_batches(n), run_task)
                 except Exception as e:  # noqa: BLE001 - only an out-of-memory error is rewritten, anything else re-raised
-                    advice = out_of_memory_advice(e, R_pad // mesh.shape[sharding.TASK], config.task_chunk, bool(config.remat))
+                    advice = out_of_memory_advice(e, R_pad // mesh.shape[sharding.TASK], task_chunk, bool(config.remat))
                     if advice is None:
                         raise
                     raise OutOfDeviceMemory(advice) from e

@@ -210,3 +210,44 @@ def test_deterministic_flag_is_set_before_jax_starts_or_warns(monkeypatch):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["None", "--xla_gpu_deterministic_ops=true"]
+
+
+def test_task_chunk_auto_chooses_the_largest_group_that_fits():
+    """--config.task_chunk=-1 on a made-up memory curve (10 GB + 5 GB per run at once, 30 runs): the largest
+    divisor of 30 that fits, with the candidates a straight line predicts too big skipped."""
+    from fmbpo_jax.train import choose_task_chunk
+
+    def pick(budget_gb):
+        tried = []
+
+        def bytes_for(chunk):
+            tried.append(chunk)
+            return int((10 + 5 * (chunk or 30)) * 1e9)
+
+        return choose_task_chunk(30, bytes_for, budget_gb * 1e9 if budget_gb else None, lambda s: None), tried
+
+    assert pick(200) == (0, [0])  # all 30 at once fit
+    assert pick(60) == (10, [0, 15, 10])  # 160 and 85 GB too big; 10 runs: 60 GB
+    assert pick(52) == (6, [0, 15, 6])  # 10 runs predicted 60 GB: skipped without compiling
+    assert pick(1) == (1, [0, 15, 1])  # nothing fits: one run at a time, XLA will name the shortfall
+    assert pick(None) == (0, [])  # CPU: no device limit, nothing compiled
+    assert choose_task_chunk(6, lambda c: None, 1.0, lambda s: None) == 0  # no memory analysis: take it
+
+
+def test_task_chunk_auto_in_the_trainer_equals_the_explicit_chunk(tiny_store, tmp_path):
+    """The trainer measures its own compiled step: a budget below every program (--config.task_chunk_memory_gb)
+    gives one run at a time, the same params bitwise as --config.task_chunk=1 (choices: the test above)."""
+    from test_main_e2e import final_params
+
+    from fmbpo_jax.train import train
+
+    common = dict(epochs=5, checkpoint_freq=5, **{"eval.episodes": 0})
+    logs = []
+    train(tiny_config(tiny_store, task_chunk=-1, task_chunk_memory_gb=1e-9, **common), str(tmp_path / "auto"),
+          log=logs.append)
+    assert "task_chunk=-1: using --config.task_chunk=1" in logs and any("too big" in s for s in logs), logs
+    train(tiny_config(tiny_store, task_chunk=1, **common), str(tmp_path / "one"), log=lambda s: None)
+    (_, a), (_, b) = final_params(tmp_path / "auto"), final_params(tmp_path / "one")
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))

@@ -364,7 +364,9 @@ def planning_evaluation(config, pcfg, spec, bundles: list, state: dict, frozen_w
         num_workers = int(ev_cfg.workers) or None
     seed = int(ev_cfg.seed) + PLANNING_SEED_OFFSET
     base = jax.random.PRNGKey(seed)
-    task_chunk = int(config.get("task_chunk", 0) or 0) if hasattr(config, "get") else 0
+    # -1 (auto, sized for the training step) plans every task row at once: planning holds no optimizer state or
+    # activations for a backward pass, so it is far below the training step's memory
+    task_chunk = max(0, int(config.get("task_chunk", 0) or 0)) if hasattr(config, "get") else 0
     results = []
     with PlanningEvaluator(pcfg, mcfg, spec.task_ids, int(ev_cfg.episodes), shared_wm=frozen_wm is not None,
                            num_workers=num_workers, max_steps=int(ev_cfg.max_steps), task_chunk=task_chunk,
