@@ -348,16 +348,6 @@ def measure_peak(precision: str, shape: tuple[int, int, int], reps: int = 10, dt
     return {"shape": list(shape), "dtype": dtype, "best_flops": flop / min(times), "median_flops": flop / statistics.median(times)}
 
 
-def memory_stats() -> dict | None:
-    import jax
-
-    try:
-        s = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without stats
-        return None
-    return s or None
-
-
 # --------------------------------------------------------------------------------------------- one row
 
 
@@ -544,7 +534,9 @@ def execute_row(r: Row, args, peaks: dict) -> None:
                gflop_parts_per_run={p: {kk: vv / 1e9 for kk, vv in v.items()} for p, v in r.flops["parts"].items()},
                achieved_gflops=needed / med / 1e9, naive_equiv_gflops=naive / med / 1e9,
                peak_gflops=peak["best_flops"] / 1e9, mfu=needed / med / peak["best_flops"])
-    ms = memory_stats()
+    from fmbpo_jax.train import device_memory_stats
+
+    ms = device_memory_stats()
     row["peak_mem_gb"] = ms["peak_bytes_in_use"] / 2**30 if ms and "peak_bytes_in_use" in ms else "n/a"
     if hasattr(os, "getloadavg"):
         row["loadavg_1m_after"] = round(os.getloadavg()[0], 2)

@@ -544,16 +544,22 @@ def program_bytes(compiled) -> int | None:
         return None
 
 
+def device_memory_stats() -> dict | None:
+    """This process's first device's memory statistics (bytes_limit, peak_bytes_in_use, ...); None where the
+    backend keeps none (CPU)."""
+    try:
+        return jax.local_devices()[0].memory_stats() or None
+    except Exception:  # noqa: BLE001 - backends without stats
+        return None
+
+
 def device_memory_budget(config) -> float | None:
     """Bytes the training step may use under --config.task_chunk=-1: task_chunk_memory_gb, else 90% of the
     device's limit (the rest: evaluation, checkpoint copies, allocator slack); None where the device reports none."""
     gb = float(config.get("task_chunk_memory_gb", 0.0) or 0.0)
     if gb > 0:
         return gb * 1e9
-    try:
-        limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-    except Exception:  # noqa: BLE001 - backends without memory stats (CPU)
-        limit = None
+    limit = (device_memory_stats() or {}).get("bytes_limit")
     return 0.9 * limit if limit else None
 
 

@@ -13,6 +13,14 @@ from fmbpo_jax.train import init_runs, make_train_chunk, run_keys
 from fmbpo_jax import world_model as wm
 
 
+def assert_same_leaves(a, b):
+    """Two pytrees with the same number of (non-zero) leaves, bitwise equal leaf by leaf."""
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def _train(config, store, tasks, seeds, epochs=6):
     config = tiny_config(store, tasks=",".join(tasks), seeds=",".join(map(str, seeds)), **config)
     spec = run_config.run_spec(config)
@@ -146,10 +154,7 @@ def test_host_sampler_training_resumes_bitwise(tiny_store, tmp_path):
     from test_main_e2e import final_params
 
     (_, a), (_, b) = final_params(tmp_path / "once"), final_params(tmp_path / "twice")
-    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    assert len(leaves_a) == len(leaves_b) > 0
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert_same_leaves(a, b)
     rows_a = read_jsonl(str(tmp_path / "once" / "metrics.jsonl"))
     rows_b = read_jsonl(str(tmp_path / "twice" / "metrics.jsonl"))
     assert len(rows_a) == 2 * 3 and all(np.isfinite(r["actor_loss"]) and np.isfinite(r["value_loss"]) for r in rows_a)
@@ -248,6 +253,4 @@ def test_task_chunk_auto_in_the_trainer_equals_the_explicit_chunk(tiny_store, tm
     assert "task_chunk=-1: using --config.task_chunk=1" in logs and any("too big" in s for s in logs), logs
     train(tiny_config(tiny_store, task_chunk=1, **common), str(tmp_path / "one"), log=lambda s: None)
     (_, a), (_, b) = final_params(tmp_path / "auto"), final_params(tmp_path / "one")
-    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    assert len(leaves_a) == len(leaves_b) > 0
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+    assert_same_leaves(a, b)
