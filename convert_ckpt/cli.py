@@ -5,8 +5,9 @@
                                       [--num-tasks N --task-dim E --obs-dim O --action-dim A --simnorm-dim S ...]
     python -m convert_ckpt export --src DIR --dst FILE.pt [--format native|tdmpc2]
     python -m convert_ckpt verify --ckpt FILE.pt|DIR --golden FILE.npz [--config CFG.json] [--atol 1e-5]
+    python -m convert_ckpt verify-update --dir DIR [--dtype float64|float32] [--case NAME ...]
 
-Exit status: 0 success; 1 verify found an error above atol; 2 the input was refused (unsafe, corrupt, wrong
+Exit status: 0 success; 1 verify / verify-update found an error above its tolerance; 2 the input was refused (unsafe, corrupt, wrong
 layout, config mismatch); 3 verify could check nothing.
 """
 from __future__ import annotations
@@ -114,6 +115,22 @@ def cmd_verify(args) -> int:
     if code == EXIT_NOTHING:
         print("error: nothing could be checked: the golden file has no output this checkpoint's modules produce", file=sys.stderr)
     return code
+
+
+def cmd_verify_update(args) -> int:
+    from convert_ckpt import verify_update as VU
+
+    print(f"verify-update {args.dir} ({args.dtype}): the reference's recorded PWM.update() calls replayed by fmbpo_jax")
+    try:
+        results = VU.verify_update(args.dir, args.dtype, cases=args.case or None)
+    except VU.GoldenSetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if not results:
+        print(f"error: no case of {args.dir} matched {args.case}", file=sys.stderr)
+        return EXIT_NOTHING
+    print(VU.format_results(results))
+    return EXIT_OK if all(r.status == "ok" for r in results) else EXIT_MISMATCH
 
 
 def _describe(v) -> str:
@@ -224,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-5)
     _add_given_flags(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("verify-update", help="replay a whole-update golden set (the reference's PWM.update() with its random "
+                       "draws) and compare every metric, buffer, gradient and parameter change")
+    p.add_argument("--dir", required=True, type=Path, help="golden directory: config_small.json, the three weight files "
+                   "and golden_update_small.{npz,json} (tests/fixtures is one)")
+    p.add_argument("--dtype", default="float64", choices=("float64", "float32"),
+                   help="float64: every array within 1e-8 abs + 1e-8 rel; float32 (highest matmul precision): within "
+                   "max(10 x the reference's own float32 deviation, 1e-6)")
+    p.add_argument("--case", action="append", help="only this case (repeatable); default: every case of the set")
+    p.set_defaults(func=cmd_verify_update)
 
     p = sub.add_parser("inspect", help="print the key tree, shapes and detected format without converting")
     p.add_argument("file", type=Path)

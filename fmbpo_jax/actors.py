@@ -56,7 +56,7 @@ def init(cfg: ActorConfig, key: jax.Array) -> Params:
     """PyTorch default Linear init; every parameter times init_gain (Gaussian: logstd too; flow: not, B18)."""
     in_width = cfg.latent_dim + (cfg.action_dim + 1 if cfg.kind == "flow" else 0)
     net = _net(cfg).init(key, jnp.zeros((1, in_width)))["params"]
-    logstd = jnp.full((cfg.action_dim,), cfg.init_logstd, jnp.float32)
+    logstd = jnp.full((cfg.action_dim,), cfg.init_logstd, jnp.float32)  # params are float32 (casts are the caller's)
     if cfg.kind == "gaussian":
         params = {"mu_net": net, "logstd": logstd}
         return jax.tree_util.tree_map(lambda p: p * cfg.init_gain, params)
@@ -101,11 +101,13 @@ def flow_integrate(cfg: ActorConfig, params: Params, a0: jax.Array, z: jax.Array
     return integrate(v, a0, k, cfg.integrator)
 
 
-def action(cfg: ActorConfig, params: Params, z: jax.Array, key: jax.Array | None, deterministic: bool = False) -> jax.Array:
+def action(cfg: ActorConfig, params: Params, z: jax.Array, key: jax.Array | None, deterministic: bool = False,
+           eps: jax.Array | None = None) -> jax.Array:
     """Pre-tanh action [..., A] for latents z [..., L].
 
     Gaussian: mu (deterministic) or mu + exp(logstd) * eps (reparameterised).
     Flow: integrate from a0 = 0 (deterministic) or a0 = exp(init_logstd) * eps.
+    eps [..., A]: standard-normal draws to use instead of drawing from `key` (recorded runs, parity checks).
     """
     if z.shape[-1] != cfg.latent_dim:
         raise ValueError(f"actor input z has shape {tuple(z.shape)}: last dim != latent_dim={cfg.latent_dim}")
@@ -113,19 +115,26 @@ def action(cfg: ActorConfig, params: Params, z: jax.Array, key: jax.Array | None
     shape = z.shape[:-1] + (cfg.action_dim,)
     if deterministic:
         eps = jnp.zeros(shape, z.dtype)
-    else:
+    elif eps is None:
         if key is None:
-            raise ValueError("a PRNG key is needed for a stochastic action (or pass deterministic=True)")
+            raise ValueError("a PRNG key or eps draws are needed for a stochastic action (or pass deterministic=True)")
         eps = jax.random.normal(key, shape, z.dtype)
+    elif tuple(eps.shape) != shape:
+        raise ValueError(f"actor eps draws have shape {tuple(eps.shape)}, expected {shape}")
     if cfg.kind == "gaussian":
         mu = gaussian_mean(cfg, params, z)
         return mu if deterministic else mu + std * eps
     return flow_integrate(cfg, params, std * eps, z)
 
 
-def stddev(cfg: ActorConfig, params: Params) -> jax.Array:
-    """The `actor_stddev` metric: mean exp(clamped logstd)."""
-    return jnp.mean(jnp.exp(jnp.maximum(params[cfg.logstd_name], cfg.logstd_min)))
+def stddev(cfg: ActorConfig, params: Params, clamped: bool = True) -> jax.Array:
+    """The `actor_stddev` metric: mean exp(logstd), of the clamped value or (clamped=False) of the stored one.
+
+    The reference's Gaussian actor reports the stored value, which its Adam step can leave below the minimum;
+    its flow actor reports the clamped one (`get_logstd` clamps there).
+    """
+    logstd = params[cfg.logstd_name]
+    return jnp.mean(jnp.exp(jnp.maximum(logstd, cfg.logstd_min) if clamped else logstd))
 
 
 def gaussian_log_prob(cfg: ActorConfig, params: Params, z: jax.Array, a: jax.Array) -> jax.Array:

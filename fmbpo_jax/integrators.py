@@ -28,13 +28,13 @@ def check_integrator(method: str | None, substeps: int) -> str:
 def integrate(velocity: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, substeps: int, method: str | None = "heun") -> jax.Array:
     """Integrate dx/dtau = velocity(x, tau) from tau=0 to 1 starting at x0 [..., D]; returns x(1) [..., D].
 
-    velocity(x [..., D], tau scalar float32) -> [..., D]. `substeps` and `method` are static.
+    velocity(x [..., D], tau scalar of x0's dtype) -> [..., D]. `substeps` and `method` are static.
     """
     method = check_integrator(method, substeps)
     dt = 1.0 / substeps
-    # Times computed in float64 like Python floats in the reference, then cast once.
-    t0 = jnp.asarray(np.arange(substeps) * dt, jnp.float32)
-    t1 = jnp.asarray(np.arange(substeps) * dt + dt, jnp.float32)
+    # Times computed in float64 like Python floats in the reference, then cast once to the state's dtype.
+    t0 = jnp.asarray(np.arange(substeps) * dt, x0.dtype)
+    t1 = jnp.asarray(np.arange(substeps) * dt + dt, x0.dtype)
 
     def euler_step(x, ts):
         return x + dt * velocity(x, ts[0]), None

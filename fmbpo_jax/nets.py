@@ -261,13 +261,33 @@ def embedding_scale(weight_rows: jax.Array, max_norm: float = 1.0) -> jax.Array:
     return jnp.where(norm > max_norm, max_norm / (norm + 1e-7), 1.0)
 
 
+@jax.custom_vjp
+def _renormed_rows(rows: jax.Array) -> jax.Array:
+    return rows * embedding_scale(rows)
+
+
+def _renormed_rows_fwd(rows):
+    return _renormed_rows(rows), None
+
+
+def _renormed_rows_bwd(_, g):
+    # PyTorch renormalises the stored row in place under no_grad and then looks it up, so the gradient it
+    # gives the stored row is the plain output gradient (no scale factor, no renorm Jacobian).
+    return (g,)
+
+
+_renormed_rows.defvjp(_renormed_rows_fwd, _renormed_rows_bwd)
+
+
 def task_embedding(table: jax.Array, task: jax.Array, max_norm: float = 1.0) -> jax.Array:
     """Look up task rows of table [num_tasks, task_dim] for task ids [...] -> [..., task_dim], max-norm applied.
 
-    The renormalisation factor is treated as a constant in the gradient (PyTorch computes it under no_grad).
+    Values: rows with norm > 1 scaled to 1 / (norm + 1e-7), as nn.Embedding(max_norm=1) stores them. Gradient:
+    the output gradient itself, which is what PyTorch gives its (already renormalised) stored row.
     """
-    rows = jnp.take(table, task, axis=0)
-    return rows * jax.lax.stop_gradient(embedding_scale(rows, max_norm))
+    if max_norm != 1.0:
+        raise ValueError(f"task_embedding supports max_norm=1 (the reference's), got {max_norm}")
+    return _renormed_rows(jnp.take(table, task, axis=0))
 
 
 def renormed_table(table: jax.Array, used_task_ids, max_norm: float = 1.0) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Behaviour presets: one switch per reference bug (spec/ALGORITHM.md section 10, DESIGN.md section 3).
+"""Behaviour presets: one switch per reference bug (docs/differences.md describes each one).
 
 `reference` reproduces the PyTorch original exactly, bugs included; `fixed` (the default) repairs what is
 broken. Every field can be overridden on its own; the README's "Differences from the reference" table
@@ -19,6 +19,8 @@ BEHAVIOURS: dict[str, tuple[object, object, str, str]] = {
     "episode_subsampling": ("reference", "all", "B10", "episodes subsampled with replacement vs all episodes once"),
     "planning_eval": ("plain", "mppi", "B8", "'planning' evaluation: a second plain evaluation vs MPPI with the WM and policy prior"),
     "critic_minibatches": ("contiguous", "shuffled", "B16", "critic minibatches contiguous in time vs shuffled rows"),
+    "logstd_clamp": ("forward", "stored", "B21", "actor log-std clamped to its minimum only before each forward (the stored value and the Gaussian actor_stddev can sit below it) vs kept at or above it"),
+    "wm_emb_grad": ("accumulate", "fresh", "B22", "the untrained task embedding's gradient is never zeroed (it sums every update's WM- and actor-loss gradients into the WM clip norm) vs a fresh gradient per WM step"),
 }
 
 PRESETS = ("reference", "fixed")

@@ -24,6 +24,9 @@ from fmbpo_jax.world_model import WMConfig
 
 Params = dict[str, Any]
 FINAL_LR = 1e-5
+ACTOR_ADAM = (0.7, 0.95)  # torch Adam betas of the reference's optimizers (PWMConfig.*_betas defaults)
+CRITIC_ADAM = (0.7, 0.95)
+WM_ADAM = (0.9, 0.999)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,13 @@ class PWMConfig:
     terminal_discount: str = "gamma_h"
     wm_updates: str = "iterations"
     critic_minibatches: str = "shuffled"
+    logstd_clamp: str = "stored"
+    wm_emb_grad: str = "fresh"
+    # Adam (torch.optim.Adam semantics): betas per optimizer and eps; the reference's values by default
+    actor_betas: tuple[float, float] = ACTOR_ADAM
+    critic_betas: tuple[float, float] = CRITIC_ADAM
+    wm_betas: tuple[float, float] = WM_ADAM
+    adam_eps: float = 1e-8
     remat: bool = False  # recompute each rollout step's activations in the backward pass (memory, not results)
 
     def __post_init__(self):
@@ -68,7 +78,8 @@ class PWMConfig:
             "reward_loss": ("mse_bins", "two_hot_ce"), "critic_target": ("one_step", "td_lambda"),
             "terminal_discount": ("gamma_h_plus_1", "gamma_h"), "wm_updates": ("policy_batch", "iterations"),
             "critic_minibatches": ("contiguous", "shuffled"), "tau_sampling": ("uniform", "midpoint"),
-            "lr_schedule": ("linear", "constant"),
+            "lr_schedule": ("linear", "constant"), "logstd_clamp": ("forward", "stored"),
+            "wm_emb_grad": ("accumulate", "fresh"),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -79,23 +90,32 @@ class PWMConfig:
             raise ValueError("latent_dim differs between the world model, actor and critic configs")
         if self.wm.action_dim != self.actor.action_dim:
             raise ValueError(f"action_dim differs: world model {self.wm.action_dim}, actor {self.actor.action_dim}")
+        for name in ("actor_betas", "critic_betas", "wm_betas"):
+            betas = tuple(float(b) for b in getattr(self, name))
+            if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+                raise ValueError(f"PWMConfig.{name}={getattr(self, name)!r}: two values in [0, 1) expected")
+            object.__setattr__(self, name, betas)
+
+    @property
+    def accumulates_emb_grad(self) -> bool:
+        """The reference's never-zeroed task-embedding gradient (B22) exists only when the WM is fine-tuned
+        and the embedding is in no optimizer group (train_task_emb=False)."""
+        return (self.wm_emb_grad == "accumulate" and self.finetune_wm and not self.train_task_emb
+                and self.wm.task_dim > 0)
 
 
-def _adam(b1: float, b2: float) -> optax.GradientTransformation:
-    return optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8)
-
-
-ACTOR_ADAM = (0.7, 0.95)
-CRITIC_ADAM = (0.7, 0.95)
-WM_ADAM = (0.9, 0.999)
+def _adam(b1b2: tuple[float, float], eps: float = 1e-8) -> optax.GradientTransformation:
+    """torch.optim.Adam's direction: m_hat / (sqrt(v_hat) + eps) (the lr is applied by `adam_step`)."""
+    return optax.scale_by_adam(b1=b1b2[0], b2=b1b2[1], eps=eps)
 
 
 def learning_rate(lr0: float, epoch: jax.Array, max_epochs: int, schedule: str = "linear") -> jax.Array:
     """Reference `update_lrs`: lr_i = lr0 + (1e-5 - lr0) * i / max_epochs at the start of epoch i."""
+    dtype = mathops.default_float()
     if schedule == "constant":
-        return jnp.asarray(lr0, jnp.float32)
+        return jnp.asarray(lr0, dtype)
     # clipped at the end of the run so an epoch past max_epochs never gets a negative lr (the reference stops there)
-    frac = jnp.clip(jnp.asarray(epoch, jnp.float32) / max(max_epochs, 1), 0.0, 1.0)
+    frac = jnp.clip(jnp.asarray(epoch).astype(dtype) / max(max_epochs, 1), 0.0, 1.0)
     return lr0 + (FINAL_LR - lr0) * frac
 
 
@@ -114,10 +134,10 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def adam_step(params, opt_state, grads, lr, b1b2, clip: float):
+def adam_step(params, opt_state, grads, lr, b1b2, clip: float, eps: float = 1e-8):
     """Clip (pre-clip norm returned), Adam, p -= lr * update. Returns (params, opt_state, grad_norm)."""
     grads, norm = clip_by_norm(grads, clip)
-    updates, opt_state = _adam(*b1b2).update(grads, opt_state, params)
+    updates, opt_state = _adam(b1b2, eps).update(grads, opt_state, params)
     params = jax.tree_util.tree_map(lambda p, u: p - lr * u, params, updates)
     return params, opt_state, norm
 
@@ -128,6 +148,19 @@ def _keep_if(ok: jax.Array, new, old):
 
 
 # =============================================================================================== WM loss
+
+
+def _flow_taus(cfg: WMConfig, shape: tuple[int, int], dtype, tau_sampling: str, key, taus):
+    """Flow-matching times [H, B, 1]: given (recorded draws), 0.5 ('midpoint'), or U[0, 1) from `key`; zeros for MLP."""
+    if cfg.kind != "flow":
+        return jnp.zeros(shape + (1,), dtype)
+    if taus is not None:
+        return jnp.asarray(taus, dtype)
+    if tau_sampling == "midpoint":
+        return jnp.full(shape + (1,), 0.5, dtype)
+    if key is None:
+        raise ValueError("wm_loss: uniform tau sampling needs a PRNG key (or pass taus)")
+    return jax.random.uniform(key, shape + (1,), dtype)
 
 
 def wm_loss(cfg: WMConfig, params: Params, obs, action, reward, task, key=None, *, gamma: float = 0.99,
@@ -147,17 +180,9 @@ def wm_loss(cfg: WMConfig, params: Params, obs, action, reward, task, key=None, 
     reward = reward if reward.ndim == 3 else reward[..., None]
     targets = jax.lax.stop_gradient(wm.encode(cfg, params, obs[1:], task))  # [H, B, L]
     z0 = wm.encode(cfg, params, obs[0], task)
-    discounts = gamma ** jnp.arange(horizon, dtype=jnp.float32)
-    if cfg.kind == "flow":
-        if taus is None:
-            if tau_sampling == "midpoint":
-                taus = jnp.full(action.shape[:2] + (1,), 0.5, jnp.float32)
-            else:
-                if key is None:
-                    raise ValueError("wm_loss: uniform tau sampling needs a PRNG key (or pass taus)")
-                taus = jax.random.uniform(key, action.shape[:2] + (1,), jnp.float32)
-    else:
-        taus = jnp.zeros(action.shape[:2] + (1,), jnp.float32)
+    dtype = z0.dtype
+    discounts = gamma ** jnp.arange(horizon, dtype=dtype)
+    taus = _flow_taus(cfg, action.shape[:2], dtype, tau_sampling, key, taus)
 
     if teacher_forcing:
         # source points are the data latents: z0 (with grad) then the stop-gradient encoder targets
@@ -223,21 +248,25 @@ def td_targets(rewards, next_values, done_mask, gamma: float, lam: float, method
 
 
 def actor_loss(cfg: PWMConfig, actor_params: Params, wm_params: Params, critic_params: Params, rms: mathops.RunningMeanStd,
-               obs0, task, key):
+               obs0, task, key, eps=None):
     """First-order actor loss through an H-step latent rollout (spec 4.2).
 
-    obs0 [B, O]. Returns (loss, aux) with aux = states [H, B, L], rewards [H, B], next_values [H, B]
-    (all stop-gradient, for the critic), the updated ret_rms and the mean imagined return.
+    obs0 [B, O]. eps: the standard-normal draws [H, B, A] to use instead of drawing from `key` (Gaussian:
+    the rsample eps; flow: the base noise before its exp(init_logstd) scale), for parity with recorded runs.
+    Returns (loss, aux) with aux = states [H, B, L], rewards [H, B], next_values [H, B] (all stop-gradient,
+    for the critic), the updated ret_rms and the mean imagined return. Gradients reach the actor through the
+    WM dynamics and the terminal value; the actor's own input is detached (the reference's `detach: True`).
     """
     H = cfg.horizon
-    z0 = jax.lax.stop_gradient(wm.encode(cfg.wm, wm_params, obs0, task))
+    z0 = wm.encode(cfg.wm, wm_params, obs0, task)  # not detached (reference): the WM gets this loss's gradient too
     mask = None
     if cfg.action_masks and cfg.action_dims:
-        mask = nets.action_mask_table(cfg.action_dims, cfg.wm.action_dim)[task]  # [A]
+        mask = nets.action_mask_table(cfg.action_dims, cfg.wm.action_dim)[task]  # [A] or [B, A]
 
-    def body(carry, key_t):
+    def body(carry, draw):
         z, disc, ret = carry
-        a = jnp.tanh(actors.action(cfg.actor, actor_params, jax.lax.stop_gradient(z), key_t))  # detach: True
+        key_t, eps_t = draw
+        a = jnp.tanh(actors.action(cfg.actor, actor_params, jax.lax.stop_gradient(z), key_t, eps=eps_t))
         if mask is not None:
             a = a * mask
         z_next, logits = wm.step(cfg.wm, wm_params, z, a, task)
@@ -248,9 +277,11 @@ def actor_loss(cfg: PWMConfig, actor_params: Params, wm_params: Params, critic_p
         out = (jax.lax.stop_gradient(z), jax.lax.stop_gradient(r), v_next)
         return (z_next, disc * cfg.gamma, ret + disc * r), out
 
-    init = (z0, jnp.ones((), jnp.float32), jnp.zeros(obs0.shape[:-1], jnp.float32))
+    draws = (jax.random.split(key, H), None) if eps is None else (None, jnp.asarray(eps, z0.dtype))
+    # The running discount is a float32 tensor in the reference, also when its model runs in float64.
+    init = (z0, jnp.ones((), jnp.float32), jnp.zeros(obs0.shape[:-1], z0.dtype))
     step = jax.checkpoint(body) if cfg.remat else body  # remat: see wm_loss
-    (z_h, disc, ret), (states, rewards, next_values) = jax.lax.scan(step, init, jax.random.split(key, H))
+    (z_h, disc, ret), (states, rewards, next_values) = jax.lax.scan(step, init, draws, length=H)
     v_h = critic.min_value(cfg.critic, critic_params, z_h)  # terminal value, gradient to the actor through z_H
     terminal = cfg.gamma * disc if cfg.terminal_discount == "gamma_h_plus_1" else disc  # B7
     loss_b = -ret - terminal * v_h
@@ -273,40 +304,53 @@ def critic_loss(cfg: CriticConfig, params: Params, z, y, w):
     return jnp.sum(jnp.mean(jnp.square(v - y), axis=0) * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def critic_minibatch_indices(cfg: PWMConfig, rows: int, key) -> jax.Array:
-    """[iterations * batches, rows // batches] row indices: contiguous slices (reference) or a fresh shuffle per pass."""
+def critic_minibatch_indices(cfg: PWMConfig, rows: int, key) -> tuple[jax.Array, jax.Array]:
+    """Row indices [S, size] of the S = iterations x slices critic steps, and which are real rows [S, size].
+
+    'contiguous' (reference CriticDataset): consecutive slices of size rows // critic_batches, the last one
+    shorter when that does not divide rows (ceil(rows / size) slices; its padding rows are marked invalid).
+    'shuffled': critic_batches slices of a fresh permutation per pass (a remainder is left out of that pass).
+    """
     size = rows // cfg.critic_batches
+    if size < 1:
+        raise ValueError(f"{rows} critic rows (horizon x batch) cannot make critic_batches={cfg.critic_batches} minibatches")
     if cfg.critic_minibatches == "contiguous":
-        one = jnp.arange(cfg.critic_batches * size).reshape(cfg.critic_batches, size)
-        return jnp.tile(one, (cfg.critic_iterations, 1))
+        slices = -(-rows // size)
+        flat = jnp.arange(slices * size)
+        one = jnp.minimum(flat, rows - 1).reshape(slices, size)
+        valid = (flat < rows).reshape(slices, size)
+        return jnp.tile(one, (cfg.critic_iterations, 1)), jnp.tile(valid, (cfg.critic_iterations, 1))
     perms = jax.vmap(lambda k: jax.random.permutation(k, rows)[: cfg.critic_batches * size])(
         jax.random.split(key, cfg.critic_iterations))
-    return perms.reshape(cfg.critic_iterations * cfg.critic_batches, size)
+    idx = perms.reshape(cfg.critic_iterations * cfg.critic_batches, size)
+    return idx, jnp.ones(idx.shape, bool)
 
 
 def critic_update(cfg: PWMConfig, params: Params, opt_state, states, targets, lr, key):
-    """critic_iterations x critic_batches Adam steps on (states [H, B, L], targets [H, B]) flattened time-major.
+    """critic_iterations x (critic minibatches) Adam steps on (states [H, B, L], targets [H, B]) flattened time-major.
 
-    NaN rows get weight 0 (the reference filters them); NaN gradients are zeroed (reference) and counted.
-    Returns (params, opt_state, metrics).
+    Rows with a NaN latent or target get weight 0 (the reference drops NaN-latent rows before slicing; see
+    docs/differences.md); NaN gradients are zeroed (reference) and counted. Returns (params, opt_state, metrics).
     """
     z = states.reshape(-1, states.shape[-1])
     y = targets.reshape(-1)
-    valid = jnp.isfinite(y) & jnp.all(jnp.isfinite(z), axis=-1)
-    z = jnp.where(valid[:, None], z, 0.0)
-    y = jnp.where(valid, y, 0.0)
-    w = valid.astype(jnp.float32)
-    idx = critic_minibatch_indices(cfg, y.shape[0], key)
+    finite = jnp.isfinite(y) & jnp.all(jnp.isfinite(z), axis=-1)
+    z = jnp.where(finite[:, None], z, 0.0)
+    y = jnp.where(finite, y, 0.0)
+    idx, in_slice = critic_minibatch_indices(cfg, y.shape[0], key)
+    weights = (finite[idx] & in_slice).astype(y.dtype)
 
-    def step(carry, rows):
+    def step(carry, xs):
         p, o, nan_count = carry
-        loss, grads = jax.value_and_grad(critic_loss, argnums=1)(cfg.critic, p, z[rows], y[rows], w[rows])
+        rows, w = xs
+        loss, grads = jax.value_and_grad(critic_loss, argnums=1)(cfg.critic, p, z[rows], y[rows], w)
         bad = ~all_finite(grads)
         grads = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grads)
-        p, o, norm = adam_step(p, o, grads, lr, CRITIC_ADAM, cfg.critic_grad_clip)
+        p, o, norm = adam_step(p, o, grads, lr, cfg.critic_betas, cfg.critic_grad_clip, cfg.adam_eps)
         return (p, o, nan_count + bad.astype(jnp.int32)), (loss, norm)
 
-    (params, opt_state, nan_count), (losses, norms) = jax.lax.scan(step, (params, opt_state, jnp.zeros((), jnp.int32)), idx)
+    init = (params, opt_state, jnp.zeros((), jnp.int32))
+    (params, opt_state, nan_count), (losses, norms) = jax.lax.scan(step, init, (idx, weights))
     return params, opt_state, {"value_loss": jnp.mean(losses), "critic_grad_norm": norms[-1], "critic_nan_grads": nan_count}
 
 
@@ -317,14 +361,15 @@ def init_state(cfg: PWMConfig, key, wm_params: Params | None = None) -> dict:
     """Per-task training state: actor/critic params and Adam states, ret_rms, epoch; WM too when fine-tuning.
 
     wm_params: the starting WM when fine-tuning (pretrained or fresh); ignored when the WM is frozen
-    (then it is passed to `update` separately and shared across tasks).
+    (then it is passed to `update` separately and shared across tasks). With the reference's never-zeroed
+    task-embedding gradient (B22) the state also carries that gradient, 'wm_emb_grad' [num_tasks, task_dim].
     """
     k_actor, k_critic, k_wm = jax.random.split(key, 3)
     a = actors.init(cfg.actor, k_actor)
     c = critic.init(cfg.critic, k_critic)
     state = {
         "actor": a, "critic": c,
-        "actor_opt": _adam(*ACTOR_ADAM).init(a), "critic_opt": _adam(*CRITIC_ADAM).init(c),
+        "actor_opt": _adam(cfg.actor_betas, cfg.adam_eps).init(a), "critic_opt": _adam(cfg.critic_betas, cfg.adam_eps).init(c),
         "ret_rms": mathops.rms_init((1,)),
         "epoch": jnp.zeros((), jnp.int32),
         "nan_skips": jnp.zeros((), jnp.int32),
@@ -332,97 +377,140 @@ def init_state(cfg: PWMConfig, key, wm_params: Params | None = None) -> dict:
     if cfg.finetune_wm:
         w = wm.init(cfg.wm, k_wm) if wm_params is None else wm_params
         state["wm"] = w
-        state["wm_opt"] = _adam(*WM_ADAM).init(w)
+        state["wm_opt"] = _adam(cfg.wm_betas, cfg.adam_eps).init(w)
+        if cfg.accumulates_emb_grad:
+            state["wm_emb_grad"] = jnp.zeros_like(w["_task_emb"]["weight"])
     return state
 
 
-def wm_update(cfg: PWMConfig, params: Params, opt_state, obs, action, reward, task, key, lr):
-    """One WM Adam step (clip 20 over all WM params; the task embedding is not stepped unless train_task_emb)."""
+def wm_update(cfg: PWMConfig, params: Params, opt_state, obs, action, reward, task, key, lr, taus=None, emb_grad=None):
+    """One WM Adam step (clip over all WM params; the task embedding is not stepped unless train_task_emb).
+
+    taus [H, B, 1]: recorded flow-matching times instead of drawing from `key`. emb_grad [num_tasks, E]: the
+    reference's accumulated task-embedding gradient (B22), added before the clip and scaled by it like the
+    others. Returns (params, opt_state, metrics, emb_grad after the clip or None).
+    """
     def loss_fn(p):
-        total, parts = wm_loss(cfg.wm, p, obs, action, reward, task, key, gamma=cfg.gamma, reward_loss=cfg.reward_loss,
-                               tau_sampling=cfg.tau_sampling, teacher_forcing=cfg.teacher_forcing, remat=cfg.remat)
-        return total, parts
+        return wm_loss(cfg.wm, p, obs, action, reward, task, key, gamma=cfg.gamma, reward_loss=cfg.reward_loss,
+                       tau_sampling=cfg.tau_sampling, taus=taus, teacher_forcing=cfg.teacher_forcing, remat=cfg.remat)
 
     (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if emb_grad is not None:
+        grads = dict(grads, _task_emb={"weight": grads["_task_emb"]["weight"] + emb_grad})
     ok = all_finite(grads) & jnp.isfinite(total)
-    new_params, new_opt, norm = adam_step(params, opt_state, grads, lr, WM_ADAM, cfg.wm_grad_clip)
+    new_params, new_opt, norm = adam_step(params, opt_state, grads, lr, cfg.wm_betas, cfg.wm_grad_clip, cfg.adam_eps)
+    if emb_grad is not None:  # clip_grad_norm_ scales the stored .grad in place
+        emb_grad = grads["_task_emb"]["weight"] * jnp.minimum(1.0, cfg.wm_grad_clip / (norm + 1e-6))
     if not cfg.train_task_emb and "_task_emb" in params:
         new_params = dict(new_params, _task_emb=params["_task_emb"])  # B5: never stepped in the reference
     params, opt_state = _keep_if(ok, (new_params, new_opt), (params, opt_state))
-    return params, opt_state, {"wm_loss": total, **parts, "wm_grad_norm": norm, "wm_nan_skips": (~ok).astype(jnp.int32)}
+    metrics = {"wm_loss": total, **parts, "wm_grad_norm": norm, "wm_nan_skips": (~ok).astype(jnp.int32)}
+    return params, opt_state, metrics, emb_grad
 
 
-def update(cfg: PWMConfig, state: dict, batch: dict, key, frozen_wm: Params | None = None):
+def _wm_phase(cfg: PWMConfig, state: dict, batch: dict, key, lr):
+    """The WM step(s) of one epoch: wm_iterations steps on batch['wm'], or (B9) one on the policy batch."""
+    task, draws = batch["task"], batch.get("draws", {})
+    emb_grad = state.get("wm_emb_grad")
+    if cfg.wm_updates == "iterations" and "wm" in batch:
+        wb = batch["wm"]
+
+        def wm_body(carry, xs):
+            p, o, g = carry
+            obs, act, rew, k = xs
+            p, o, m, g = wm_update(cfg, p, o, obs, act, rew, task, k, lr, emb_grad=g)
+            return (p, o, g), m
+
+        n = wb["obs"].shape[0]
+        (wp, wo, emb_grad), ms = jax.lax.scan(wm_body, (state["wm"], state["wm_opt"], emb_grad),
+                                              (wb["obs"], wb["action"], wb["reward"], jax.random.split(key, n)))
+        reduce = {"wm_nan_skips": jnp.sum, "wm_grad_norm": lambda v: v[-1]}
+        metrics = {k: reduce.get(k, jnp.mean)(v) for k, v in ms.items()}
+    else:  # B9: one step on the policy batch
+        wp, wo, metrics, emb_grad = wm_update(cfg, state["wm"], state["wm_opt"], batch["obs"], batch["action"],
+                                              batch["reward"], task, key, lr, taus=draws.get("wm_taus"), emb_grad=emb_grad)
+    return wp, wo, emb_grad, metrics
+
+
+def _actor_phase(cfg: PWMConfig, state: dict, wm_params: Params, batch: dict, key, lr):
+    """The actor step: loss and gradient through the rollout, clip, Adam; NaN steps skipped and counted.
+
+    Returns (state updates, metrics, aux) with aux = the rollout (for the critic) and the clipped gradient.
+    The stored log-std is first clamped to its minimum, as the reference's forward does in place (B21).
+    """
+    actor_p = actors.project_logstd(cfg.actor, state["actor"])
+    emb = wm_params["_task_emb"]["weight"] if "wm_emb_grad" in state else None
+
+    def objective(p, table):
+        w = wm_params if table is None else dict(wm_params, _task_emb={"weight": table})
+        return actor_loss(cfg, p, w, state["critic"], state["ret_rms"], batch["obs"][0], batch["task"], key,
+                          eps=batch.get("draws", {}).get("actor_eps"))
+
+    (loss, aux), (grads, emb_g) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(actor_p, emb)
+    ok = all_finite(grads) & jnp.isfinite(loss)
+    new_actor, new_opt, norm = adam_step(actor_p, state["actor_opt"], grads, lr, cfg.actor_betas, cfg.actor_grad_clip,
+                                         cfg.adam_eps)
+    if cfg.logstd_clamp == "stored":
+        new_actor = actors.project_logstd(cfg.actor, new_actor)
+    new_actor, new_opt, rms = _keep_if(ok, (new_actor, new_opt, aux["rms"]), (actor_p, state["actor_opt"], state["ret_rms"]))
+    out = {"actor": new_actor, "actor_opt": new_opt, "ret_rms": rms, "nan_skips": state["nan_skips"] + (~ok).astype(jnp.int32)}
+    if emb is not None:  # the actor's backward adds to the never-zeroed embedding gradient (B22)
+        out["wm_emb_grad"] = state["wm_emb_grad"] + emb_g
+    stddev_clamped = cfg.logstd_clamp == "stored" or cfg.actor.kind == "flow"
+    metrics = {"actor_loss": loss, "actor_grad_norm": norm, "actor_nan_skip": (~ok).astype(jnp.int32),
+               "actor_stddev": actors.stddev(cfg.actor, new_actor, clamped=stddev_clamped),
+               "imagined_return": aux["imagined_return"]}
+    aux = dict(aux, actor_grad_clipped=clip_by_norm(grads, cfg.actor_grad_clip)[0])
+    return out, metrics, aux
+
+
+def _critic_targets(cfg: PWMConfig, rewards, next_values):
+    """TD targets [H, B] and the done mask used: dones = 1 everywhere (B6, one-step) or only at the horizon."""
+    if cfg.critic_target == "one_step":
+        done = jnp.ones_like(rewards)
+    else:
+        done = jnp.zeros_like(rewards).at[cfg.horizon - 1].set(1.0)
+    return td_targets(rewards, next_values, done, cfg.gamma, cfg.lam, "td-lambda"), done
+
+
+def update(cfg: PWMConfig, state: dict, batch: dict, key, frozen_wm: Params | None = None, record: bool = False):
     """One epoch for one task: WM step(s) if fine-tuning, actor step, critic steps. Pure and jittable.
 
-    batch: obs [H+1, B, O], action [H, B, A], reward [H, B], task int32 scalar; optionally 'wm' with
-    obs [I, H+1, Bw, O], action [I, H, Bw, A], reward [I, H, Bw] for wm_updates='iterations'.
-    frozen_wm: the shared WM when not fine-tuning. Returns (state, metrics).
+    batch: obs [H+1, B, O], action [H, B, A], reward [H, B], task (int32 scalar, or [B] ids); optionally 'wm'
+    with obs [I, H+1, Bw, O], action [I, H, Bw, A], reward [I, H, Bw] for wm_updates='iterations'; optionally
+    'draws' = {'actor_eps': [H, B, A], 'wm_taus': [H, B, 1]}: recorded random draws used instead of `key`'s.
+    frozen_wm: the shared WM when not fine-tuning. record (static): also return the rollout buffers, critic
+    targets and the clipped actor gradient, for parity checks. Returns (state, metrics[, record]).
     """
     k_wm, k_actor, k_critic = jax.random.split(key, 3)
     epoch = state["epoch"]
-    lr_a = learning_rate(cfg.actor_lr, epoch, cfg.max_epochs, cfg.lr_schedule)
-    lr_c = learning_rate(cfg.critic_lr, epoch, cfg.max_epochs, cfg.lr_schedule)
-    lr_w = learning_rate(cfg.model_lr, epoch, cfg.max_epochs, cfg.lr_schedule)
-    task = batch["task"]
-    metrics = {}
-    state = dict(state)
-
+    lr_a, lr_c, lr_w = (learning_rate(lr0, epoch, cfg.max_epochs, cfg.lr_schedule)
+                        for lr0 in (cfg.actor_lr, cfg.critic_lr, cfg.model_lr))
+    state, metrics = dict(state), {}
     if cfg.finetune_wm:
-        if cfg.wm_updates == "iterations" and "wm" in batch:
-            wb = batch["wm"]
-
-            def wm_body(carry, xs):
-                p, o = carry
-                obs, act, rew, k = xs
-                p, o, m = wm_update(cfg, p, o, obs, act, rew, task, k, lr_w)
-                return (p, o), m
-
-            n = wb["obs"].shape[0]
-            (wp, wo), ms = jax.lax.scan(wm_body, (state["wm"], state["wm_opt"]),
-                                        (wb["obs"], wb["action"], wb["reward"], jax.random.split(k_wm, n)))
-            wm_metrics = {k: (jnp.sum(v) if k == "wm_nan_skips" else v[-1] if k == "wm_grad_norm" else jnp.mean(v)) for k, v in ms.items()}
-        else:  # B9: one step on the policy batch
-            wp, wo, wm_metrics = wm_update(cfg, state["wm"], state["wm_opt"], batch["obs"], batch["action"], batch["reward"],
-                                           task, k_wm, lr_w)
-        state["wm"], state["wm_opt"] = wp, wo
+        state["wm"], state["wm_opt"], emb_grad, wm_metrics = _wm_phase(cfg, state, batch, k_wm, lr_w)
+        if emb_grad is not None:
+            state["wm_emb_grad"] = emb_grad
         metrics.update(wm_metrics, lr_wm=lr_w)
-        wm_params = wp
+        wm_params = state["wm"]
+    elif frozen_wm is None:
+        raise ValueError("update: the WM is frozen (finetune_wm=False) but no frozen_wm params were given")
     else:
-        if frozen_wm is None:
-            raise ValueError("update: the WM is frozen (finetune_wm=False) but no frozen_wm params were given")
         wm_params = frozen_wm
 
-    # ---- actor step with the just-updated WM
     k_act, k_perm = jax.random.split(k_actor)
-    def actor_objective(p):
-        return actor_loss(cfg, p, wm_params, state["critic"], state["ret_rms"], batch["obs"][0], task, k_act)
-
-    (loss, aux), grads = jax.value_and_grad(actor_objective, has_aux=True)(state["actor"])
-    ok = all_finite(grads) & jnp.isfinite(loss)
-    new_actor, new_opt, a_norm = adam_step(state["actor"], state["actor_opt"], grads, lr_a, ACTOR_ADAM, cfg.actor_grad_clip)
-    new_actor = actors.project_logstd(cfg.actor, new_actor)  # the reference's in-place clamp, done purely
-    state["actor"], state["actor_opt"], state["ret_rms"] = _keep_if(
-        ok, (new_actor, new_opt, aux["rms"]), (state["actor"], state["actor_opt"], state["ret_rms"]))
-    state["nan_skips"] = state["nan_skips"] + (~ok).astype(jnp.int32)
-
-    # ---- critic targets from the stored rollout, then the critic steps
-    H = cfg.horizon
-    if cfg.critic_target == "one_step":
-        done = jnp.ones_like(aux["rewards"])  # B6: dones = 1 everywhere
-    else:
-        done = jnp.zeros_like(aux["rewards"]).at[H - 1].set(1.0)
-    targets = td_targets(aux["rewards"], aux["next_values"], done, cfg.gamma, cfg.lam, "td-lambda")
-    c_params, c_opt, c_metrics = critic_update(cfg, state["critic"], state["critic_opt"], aux["states"], targets, lr_c, k_perm)
-    state["critic"], state["critic_opt"] = c_params, c_opt
+    actor_out, actor_metrics, aux = _actor_phase(cfg, state, wm_params, batch, k_act, lr_a)
+    state.update(actor_out)
+    targets, done = _critic_targets(cfg, aux["rewards"], aux["next_values"])
+    state["critic"], state["critic_opt"], c_metrics = critic_update(cfg, state["critic"], state["critic_opt"], aux["states"],
+                                                                    targets, lr_c, k_perm)
     state["epoch"] = epoch + 1
-
-    metrics.update(
-        actor_loss=loss, actor_grad_norm=a_norm, actor_stddev=actors.stddev(cfg.actor, state["actor"]),
-        imagined_return=aux["imagined_return"], actor_nan_skip=(~ok).astype(jnp.int32),
-        lr_actor=lr_a, lr_critic=lr_c, **c_metrics,
-    )
-    return state, metrics
+    metrics.update(actor_metrics, lr_actor=lr_a, lr_critic=lr_c, **c_metrics)
+    if not record:
+        return state, metrics
+    rec = {"obs_buf": aux["states"], "rew_buf": aux["rewards"], "next_values": aux["next_values"], "target_values": targets,
+           "done_mask": done, "actor_grad_clipped": aux["actor_grad_clipped"]}
+    return state, metrics, rec
 
 
 # ========================================================================================= WM pretraining
@@ -430,7 +518,7 @@ def update(cfg: PWMConfig, state: dict, batch: dict, key, frozen_wm: Params | No
 
 def wm_pretrain_init(cfg: PWMConfig, key, wm_params: Params | None = None) -> dict:
     w = wm.init(cfg.wm, key) if wm_params is None else wm_params
-    return {"wm": w, "wm_opt": _adam(*WM_ADAM).init(w), "step": jnp.zeros((), jnp.int32)}
+    return {"wm": w, "wm_opt": _adam(cfg.wm_betas, cfg.adam_eps).init(w), "step": jnp.zeros((), jnp.int32)}
 
 
 def wm_pretrain_step(cfg: PWMConfig, state: dict, batch: dict, key):
@@ -438,6 +526,6 @@ def wm_pretrain_step(cfg: PWMConfig, state: dict, batch: dict, key):
 
     The reference never decays this lr (update_lrs is not called in pretraining).
     """
-    p, o, m = wm_update(cfg, state["wm"], state["wm_opt"], batch["obs"], batch["action"], batch["reward"], batch["task"],
-                        key, jnp.asarray(cfg.model_lr, jnp.float32))
+    p, o, m, _ = wm_update(cfg, state["wm"], state["wm_opt"], batch["obs"], batch["action"], batch["reward"], batch["task"],
+                           key, jnp.asarray(cfg.model_lr, mathops.default_float()))
     return {"wm": p, "wm_opt": o, "step": state["step"] + 1}, m

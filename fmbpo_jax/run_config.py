@@ -167,11 +167,12 @@ def pwm_config(config, wm_cfg: WMConfig | None = None) -> pwm.PWMConfig:
         actor_grad_clip=alg.actor_grad_clip, critic_grad_clip=alg.critic_grad_clip, wm_grad_clip=alg.wm_grad_clip,
         critic_iterations=alg.critic_iterations, critic_batches=alg.critic_batches, wm_iterations=alg.wm_iterations,
         ret_rms=alg.ret_rms, finetune_wm=config.finetune_wm, tau_sampling=alg.tau_sampling,
-        teacher_forcing=alg.teacher_forcing, action_dims=tuple(ACTION_DIMS_BY_ID),
-        reward_loss=beh["reward_loss"], reward_symexp=beh["reward_symexp"], action_masks=beh["action_masks"],
-        train_task_emb=beh["train_task_emb"], critic_target=beh["critic_target"],
-        terminal_discount=beh["terminal_discount"], wm_updates=beh["wm_updates"],
-        critic_minibatches=beh["critic_minibatches"], remat=bool(config.remat))
+        teacher_forcing=alg.teacher_forcing, action_dims=tuple(ACTION_DIMS_BY_ID), remat=bool(config.remat),
+        **{name: value for name, value in beh.items() if name in PWM_BEHAVIOUR_FIELDS})
+
+
+# behaviours that live in the algorithm config (the rest act in the data sampler, evaluation or WM architecture)
+PWM_BEHAVIOUR_FIELDS = frozenset(f.name for f in dataclasses.fields(pwm.PWMConfig))
 
 
 def run_spec(config) -> RunSpec:

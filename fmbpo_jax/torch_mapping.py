@@ -111,18 +111,19 @@ def params_from_state_dict(sd: Mapping[str, Any], template: Params, *, what: str
     return jax.tree_util.tree_unflatten(treedef, [np.ascontiguousarray(v) for v in values])
 
 
-def state_dict_from_params(params: Params, *, ensemble: bool = False) -> dict[str, np.ndarray]:
-    """Inverse of params_from_state_dict: params -> {torch key: float32 numpy array in torch layout}."""
+def state_dict_from_params(params: Params, *, ensemble: bool = False, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Inverse of params_from_state_dict: params -> {torch key: numpy array in torch layout} (float32, or the
+    params' own dtype with dtype=None)."""
     leaves = _leaves(params)
     out: dict[str, np.ndarray] = {}
     if ensemble:
         for i, (keys, leaf) in enumerate(sorted(leaves, key=lambda kv: _member_order(kv[0]))):
-            arr = np.asarray(leaf, np.float32)
+            arr = np.asarray(leaf, dtype)
             out[f"params.{i}"] = np.ascontiguousarray(np.swapaxes(arr, -1, -2) if keys[-1] == "kernel" else arr)
         return out
     for keys, leaf in leaves:
         name, transpose = _torch_name(keys)
-        arr = np.asarray(leaf, np.float32)
+        arr = np.asarray(leaf, dtype)
         out[name] = np.ascontiguousarray(arr.T if transpose else arr)
     return out
 

@@ -141,8 +141,10 @@ def test_task_embedding_training_switch_and_wm_iterations():
 
 def test_critic_target_and_minibatch_switches():
     ref, fix = tiny_cfg("reference"), tiny_cfg("fixed")
-    np.testing.assert_array_equal(pwm.critic_minibatch_indices(ref, H * B, jax.random.key(0))[0], np.arange(H * B // 2))
-    shuffled = np.asarray(pwm.critic_minibatch_indices(fix, H * B, jax.random.key(0)))
+    contiguous, in_slice = pwm.critic_minibatch_indices(ref, H * B, jax.random.key(0))
+    np.testing.assert_array_equal(contiguous[0], np.arange(H * B // 2))
+    assert bool(np.all(in_slice))
+    shuffled = np.asarray(pwm.critic_minibatch_indices(fix, H * B, jax.random.key(0))[0])
     assert shuffled.shape == (fix.critic_iterations * fix.critic_batches, H * B // 2)
     assert sorted(shuffled[:2].ravel().tolist()) == list(range(H * B))  # one pass covers every row once
     w = wm.init(ref.wm, jax.random.key(1))
@@ -152,6 +154,19 @@ def test_critic_target_and_minibatch_switches():
         _, m = jit_update(cfg, st, random_batch(jax.random.key(1)), jax.random.key(2), frozen_wm=w)
         outs[cfg.critic_target] = float(m["value_loss"])
     assert outs["one_step"] != outs["td_lambda"]
+
+
+def test_contiguous_critic_slices_keep_the_short_last_one():
+    """The reference's CriticDataset: slices of rows // critic_batches, plus a shorter last one (15 rows, 2 batches:
+    7, 7 and 1), every row used once per pass; padding rows of the last slice are marked invalid."""
+    ref = dataclasses.replace(tiny_cfg("reference"), critic_iterations=2)
+    idx, in_slice = map(np.asarray, pwm.critic_minibatch_indices(ref, 15, jax.random.key(0)))
+    assert idx.shape == (2 * 3, 7)
+    assert in_slice[:3].sum(axis=1).tolist() == [7, 7, 1]
+    np.testing.assert_array_equal(np.sort(idx[:3][in_slice[:3]]), np.arange(15))
+    np.testing.assert_array_equal(idx[3:], idx[:3])  # the same slices on every pass
+    with pytest.raises(ValueError, match="critic_batches"):
+        pwm.critic_minibatch_indices(dataclasses.replace(ref, critic_batches=20), 15, jax.random.key(0))
 
 
 def test_nan_batch_skips_actor_update_and_counts():
