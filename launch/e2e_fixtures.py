@@ -78,7 +78,8 @@ def write_random_checkpoint(dst: str, size: str, seed: int = 0) -> dict:
     from fmbpo_jax import world_model
 
     cfg = dataclasses.replace(phase3_wm_config(size), compute_dtype="float32")
-    params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), world_model.init(cfg, jax.random.PRNGKey(seed)))
+    params = world_model.init(cfg, jax.random.PRNGKey(seed))
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
     conv = Converted(format="native", layout="native-pretrain", wm_cfg=cfg, wm=params,
                      metadata={"obs_dim": cfg.obs_dim, "act_dim": cfg.action_dim, "random_init_seed": seed},
                      tasks=list(MT30_TASKS))

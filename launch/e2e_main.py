@@ -90,8 +90,8 @@ def timed(event: str, fn: Callable, tag_of: Callable[[tuple, dict], Any] | None 
         t0 = time.time()
         tag = tag_of(args, kwargs) if tag_of is not None else None
         # a start line too: a run stopped inside this call still shows since when it ran
-        print(TIMING_TAG + json.dumps({"event": event, "phase": "start", "start": round(t0, 3), "tag": tag}, default=str),
-              flush=True)
+        start = {"event": event, "phase": "start", "start": round(t0, 3), "tag": tag}
+        print(TIMING_TAG + json.dumps(start, default=str), flush=True)
         ok = False
         try:
             out = fn(*args, **kwargs)
@@ -114,12 +114,17 @@ def _eval_tag(args: tuple, kwargs: dict) -> Any:
     return kwargs.get("tag")
 
 
+def _step_tag(args: tuple, kwargs: dict) -> Any:
+    """`step` of CheckpointManager.save(self, step, ...)."""
+    return args[1] if len(args) > 1 else kwargs.get("step")
+
+
 # (event name, module, attribute path, tag function)
 TARGETS = (
     ("eval_run", "fmbpo_jax.envs.evaluate", "Evaluator.run", _eval_tag),
     ("planning_run", "fmbpo_jax.envs.planner", "PlanningEvaluator.run", _eval_tag),
     ("final_evaluation", "fmbpo_jax.train", "final_evaluation", None),
-    ("checkpoint_save", "orbax.checkpoint", "CheckpointManager.save", lambda a, k: a[1] if len(a) > 1 else k.get("step")),
+    ("checkpoint_save", "orbax.checkpoint", "CheckpointManager.save", _step_tag),
     ("checkpoint_wait", "orbax.checkpoint", "CheckpointManager.wait_until_finished", None),
 )
 

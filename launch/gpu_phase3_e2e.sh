@@ -22,8 +22,9 @@
 #
 # Environment (defaults in brackets): E2E_SIZE [48M], E2E_TASKS [all], E2E_SEEDS [42], E2E_EPOCHS [1000],
 # E2E_EVAL_FREQ [500], E2E_PRECISION [bf16], E2E_SAMPLER [host], E2E_STORE_EPISODES [8], E2E_TARGET_EPOCHS
-# [15000], E2E_TARGET_EVAL_FREQ [500], E2E_TARGET_CHECKPOINT_FREQ [1000, phase 3's], E2E_TIMEOUT [420 s, the run only], E2E_WORK [/tmp/fmbpo_e2e],
-# E2E_XLA_FLAGS [the bench's: cuBLAS GEMMs, no autotuning; empty = XLA's defaults], E2E_ARGS [extra main flags].
+# [15000], E2E_TARGET_EVAL_FREQ [500], E2E_TARGET_CHECKPOINT_FREQ [1000, phase 3's], E2E_TIMEOUT [420 s, the
+# run only], E2E_WORK [/tmp/fmbpo_e2e], E2E_XLA_FLAGS [the bench's: cuBLAS GEMMs, no autotuning; set it empty
+# for XLA's defaults], E2E_ARGS [extra fmbpo_jax.main flags], PYTHON [python3].
 # CPU smoke (about 2 minutes on 2 cores):
 #   E2E_SIZE=tiny E2E_TASKS=walker-stand,cheetah-run,reacher-easy E2E_EPOCHS=20 E2E_EVAL_FREQ=10 E2E_STORE_EPISODES=2 \
 #   E2E_ARGS="--config.chunk_epochs=5 --config.log_freq=5 --config.checkpoint_freq=10 --config.eval.episodes=2

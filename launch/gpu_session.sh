@@ -63,13 +63,14 @@ pack_extras() {  # small files into one archive; cheap, so after every part
 }
 
 install_wheels() {
-  if ! ls .whl/*.whl > /dev/null 2>&1; then
-    echo "no .whl/*.whl: using the interpreter's own packages"
+  local dir="${GPU_WHEEL_DIR:-.whl}"
+  if ! ls "$dir"/*.whl > /dev/null 2>&1; then
+    echo "no $dir/*.whl: using the interpreter's own packages"
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     return 0
   fi
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-    || { echo "installing .whl/*.whl into $SITE failed"; return 1; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$dir"/*.whl \
+    || { echo "installing $dir/*.whl into $SITE failed"; return 1; }
   export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 }
 
@@ -161,9 +162,10 @@ session() {
 import json, sys
 d = json.load(open(sys.argv[1]))
 x, m = d.get("extrapolation") or {}, d.get("measured") or {}
-print(f"e2e recap: complete={d.get('complete')} epochs={m.get('epochs_done')} steady s/epoch={m.get('steady_s_per_epoch')} "
-      f"startup={m.get('startup_s')} compile={m.get('compile_s')} tail={m.get('tail_s')} -> "
-      f"{d.get('target', {}).get('epochs')} epochs: {x.get('total_min')} min {x.get('terms')}")
+print(f"e2e recap: complete={d.get('complete')} epochs={m.get('epochs_done')} s/epoch={m.get('steady_s_per_epoch')} "
+      f"startup={m.get('startup_s')} compile={m.get('compile_s')} final_eval={m.get('final_evaluation_s')} -> "
+      f"{d.get('target', {}).get('epochs')} epochs: {x.get('total_min')} min, lower bound: {x.get('lower_bound')}")
+print(f"e2e terms (s): {x.get('terms')}")
 EOF
   stamp "session end; files in $OUT:"
   ls -la "$OUT"

@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         print(f"slim_wheel: {a.src}: {e}", file=sys.stderr)
         return 2
-    print(f"{dst}: {os.path.getsize(a.src) / 1e6:.1f} MB -> {os.path.getsize(dst) / 1e6:.1f} MB, {len(dropped)} files left out")
+    mb = lambda p: os.path.getsize(p) / 1e6  # noqa: E731
+    print(f"{dst}: {mb(a.src):.1f} MB -> {mb(dst):.1f} MB, {len(dropped)} files left out")
     return 0
 
 
