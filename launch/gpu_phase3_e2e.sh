@@ -71,7 +71,7 @@ echo "e2e inputs ready in $(( $(date +%s) - t_fix )) s: $STORE, $CKPT"
 
 rm -rf "$RUN"  # a workdir with a checkpoint would resume instead of starting
 T0=$(date +%s.%N)
-META=(--meta "size=$SIZE" --meta "xla_flags=$XFLAGS" --meta "e2e_args=${E2E_ARGS:-}" --meta "host=$(hostname)")
+META=(--meta "size=$SIZE" --meta "xla_flags=$XFLAGS" --meta "e2e_args=${E2E_ARGS:-}" --meta "host=${HOSTNAME:-}")
 summarize() {  # $1: the run's exit code, when it has one
   "$PY" -m launch.e2e_summary --log "$LOG" --workdir "$RUN" --t0 "$T0" ${1:+--exit-code "$1"} \
     --target-epochs "$TARGET_EPOCHS" --target-eval-freq "$TARGET_EVAL_FREQ" \

@@ -26,11 +26,12 @@
 # the probe), e2e_summary.json (rewritten every ~20 s during the run) + e2e_log.txt, extras.tar.gz (versions,
 # simulator check, parity log, the e2e run's config.json, metrics.jsonl, eval.jsonl, results.csv, summary.md).
 #
-# CPU smoke of the whole session (about 6 minutes on 2 shared cores; PYTHON: a Python 3.12 with jax, flax,
-# optax, orbax-checkpoint, chex, scipy, lxml and pip, e.g. a venv, so that .whl/ installs as on the GPU):
-#   OUT=/tmp/gpukit_out PYTHON=/tmp/venv312/bin/python BENCH_ARGS="--size tiny --batch-size 16 --horizon 4
-#   --critic-iterations 1 --timed-calls 1 --min-call-seconds 0" BENCH_TIMEOUT=150 E2E_SIZE=tiny ... (the E2E_*
-#   values of launch/gpu_phase3_e2e.sh's CPU smoke) bash launch/gpu_session.sh
+# CPU smoke of the whole session (10 minutes on 2 busy cores). PYTHON: a Python 3.12 with pip, jax, flax, optax,
+# orbax-checkpoint, chex, scipy, lxml, pyyaml (e.g. a venv), so that .whl/ installs as on the GPU; GPU_SITE: where:
+#   OUT=/tmp/gpukit_out PYTHON=/tmp/venv312/bin/python GPU_SITE=/tmp/site_smoke SESSION_SECONDS=900 BENCH_TIMEOUT=330
+#   BENCH_ARGS="--size tiny --batch-size 16 --horizon 4 --critic-iterations 1 --timed-calls 1 --min-call-seconds 0
+#   --compile-workers 1" E2E_WORK=... E2E_SIZE=tiny ... (the E2E_* values of launch/gpu_phase3_e2e.sh's CPU smoke)
+#   bash launch/gpu_session.sh
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
