@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark (issue 9): the rows that matter, on ONE GPU, in under 8 minutes, into ONE JSON.
+# One-shot GPU benchmark: the rows that matter, on ONE GPU, in under 8 minutes, into ONE JSON.
 #
 #   48M x {1, 30} tasks x {baseline-frozen, baseline-finetune, fullflow-finetune-k8k4} x {bf16, fp32-highest}
 #   = 12 rows, reference per-epoch work (--preset reference: one WM step on the policy batch of 512),
@@ -8,7 +8,8 @@
 # Usage (install steps assumed done, i.e. jax[cuda], flax, optax and ml_collections importable; on the H200
 # image of the first GPU session only ml_collections was missing; run from anywhere):
 #   launch/gpu_bench.sh [OUT.json]   # default ${OUT:-.}/gpu_bench.json; the probe writes OUT_autotune.json beside it
-# Then paste the printed table into the README's "Performance" section with the GPU named.
+# Then paste the printed table into docs/performance.md ("On a GPU") with the GPU named, and commit the JSON
+# and log under docs/results/<gpu>_<date>/.
 #
 # Why these flags. On an H200 (jax 0.11.2, first GPU session) XLA's default compile of these programs took
 # minutes: 12 programs in 6 threads had not finished after 400 s, and the simplest 48M program (one WM
@@ -31,7 +32,7 @@
 # Memory (measured on an H200, 2026-11-28): the 30-task baseline fine-tuning rows lax.map the run axis in groups
 # of 10 (--finetune-task-chunk; 32-39 GB), the 30-task full-flow K8/K4 rows in groups of 3 (the row's ::3;
 # 52-55 GB; groups of 10 asked for 164-177 GB and failed); frozen-WM rows vmap all 30 runs (36-37 GB).
-# Measured rows and timings: README "On a GPU", launch/results/h200_2026-11-28/.
+# Measured rows and timings: docs/performance.md "On a GPU", docs/results/h200_2026-11-28/.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

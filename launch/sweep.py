@@ -1,4 +1,4 @@
-"""SLURM sweep generator for the experiment phases of spec/ALGORITHM.md section 7.
+"""SLURM sweep generator for the experiment phases (the run matrix of docs/phases.md).
 
     python -m launch.sweep --phase 6 --variants baseline,fullflow --seeds 42,123,456 \
         [--epochs 15000,50000] [--tasks reference|all|a,b,c] [--array] [--split-seeds] \
@@ -11,7 +11,7 @@ job per seed instead (each with its own `--config.seeds=S`, never a shared defau
 Dry run by default: the scripts are written into --out (and nothing anywhere else) and the sbatch
 commands are printed. `--submit` creates the log folder and runs them.
 
-Naming (document in README "Running on a cluster"):
+Naming (documented in docs/cluster.md):
   run / job name   phase{P}_{variant}[_{E}k][_s{seed}]        e.g. phase6_fullflow_50k, phase9_cond2_s123
   workdir          {runs}/{run name}                          checkpoints, metrics.jsonl, eval.jsonl, results.csv
   log (one job)    {logs}/{run name}_%j.out                   %j = job id (a requeued job appends to it)
@@ -33,14 +33,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TEMPLATES = os.path.join(HERE, "templates")
 
-REF_TASKS = ("reacher-easy", "walker-stand", "cheetah-run")  # section 7: common to all phases
+REF_TASKS = ("reacher-easy", "walker-stand", "cheetah-run")  # the reference's tasks, common to all phases but 5 and 8
 REF_SEEDS = (42, 123, 456)
 PWM_CKPT = "checkpoints/mt30_48M_4900000.pt"
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One row group of the run matrix (spec/ALGORITHM.md section 7)."""
+    """One row group of the run matrix (docs/phases.md)."""
 
     config: str  # configs/phaseN.py
     variants: tuple[str, ...]  # '' = the config takes no variant argument
@@ -246,7 +246,7 @@ def _write(path: str, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", type=int, required=True, help=f"one of {sorted(PHASES)} (spec section 7)")
+    p.add_argument("--phase", type=int, required=True, help=f"one of {sorted(PHASES)} (docs/phases.md)")
     p.add_argument("--variants", default="", help="comma-separated (default: every variant of the phase)")
     p.add_argument("--seeds", default=",".join(map(str, REF_SEEDS)), help="comma-separated, distinct (default 42,123,456)")
     p.add_argument("--epochs", default="", help="comma-separated policy epochs (default: the phase's run matrix)")

@@ -31,7 +31,7 @@ from fmbpo_jax.envs import (
 GOLDEN = Path(__file__).parent / "fixtures" / "envs" / "mt30_golden_seed1.npz"
 REPO = Path(__file__).resolve().parents[1]
 
-# spec/ENVIRONMENTS.md section 1, typed in independently of fmbpo_jax/envs/tasks.py
+# TD-MPC2's MT30 task table (docs/environments.md), typed in independently of fmbpo_jax/envs/tasks.py
 SPEC_TABLE = """
 0 walker-stand 24 6; 1 walker-walk 24 6; 2 walker-run 24 6; 3 cheetah-run 17 6; 4 reacher-easy 6 2;
 5 reacher-hard 6 2; 6 acrobot-swingup 6 1; 7 pendulum-swingup 3 1; 8 cartpole-balance 5 1;
@@ -385,7 +385,7 @@ def test_cup_spin_reward():
 
 
 def test_cup_spin_initial_states():
-    """~90% of episodes start with the ball in the cup; never in contact (spec 2.5)."""
+    """~90% of episodes start with the ball in the cup; never in contact (TD-MPC2's cup-spin initialisation)."""
     env = make_env("cup-spin", 0)
     inside = 0
     for s in range(60):

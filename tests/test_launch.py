@@ -1,4 +1,4 @@
-"""launch/: the sweep generator's jobs against the run matrix of spec/ALGORITHM.md section 7, the generated
+"""launch/: the sweep generator's jobs against the run matrix of docs/phases.md, the generated
 sbatch scripts, dry-run hygiene, and the requeue-on-preemption logic of the job script (run with stubs)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_TASKS = ["reacher-easy", "walker-stand", "cheetah-run"]
 SEEDS = [42, 123, 456]
 
-# spec/ALGORITHM.md section 7: phase -> (variants, epochs, eval_freq, finetune_wm, tasks, checkpoint kind, actor/WM kinds)
+# docs/phases.md, run matrix: phase -> (variants, epochs, eval_freq, finetune_wm, tasks, checkpoint kind, actor/WM kinds)
 MATRIX = {
     3: dict(variants={"baseline": ("mlp", "gaussian"), "flowpolicy": ("mlp", "flow")}, epochs=[10_000], eval_freq=200,
             finetune=False, checkpoint="pwm"),
