@@ -162,7 +162,7 @@ def velocity_evals_per_epoch(pcfg: pwm.PWMConfig, batch_size: int | None = None,
     Counted: the WM loss (if finetune_wm: wm_iterations steps, or one on the policy batch for
     wm_updates='policy_batch'; per step H flow-matching velocity evaluations plus the H-step rollout, or
     only the H flow-matching evaluations with teacher forcing) and the actor loss's H-step rollout. The
-    encoder, reward head and critic are not velocity evaluations (see report.epoch_flops for FLOPs).
+    encoder, reward head and critic are not velocity evaluations (see fmbpo_jax.tools.flops for FLOPs).
     With batch sizes given, '*_samples' keys count evaluations x rows.
     """
     H = pcfg.horizon

@@ -1,6 +1,6 @@
-"""The benchmark CLI (issue 9): fields of a real tiny run, and the analytic FLOP model's scaling.
+"""The benchmark CLI: fields of a real tiny run, the row plan, the profile summary (the FLOP model: test_flops.py).
 
-Speed itself is never asserted here (DESIGN.md section 4): only that the bench measures and reports.
+Speed itself is never asserted here: only that the bench measures and reports.
 """
 from __future__ import annotations
 
@@ -10,49 +10,7 @@ import os
 
 import pytest
 
-from fmbpo_jax import bench
-from fmbpo_jax.run_config import pwm_config
-
-
-def _flops(variant: str, size: str = "48M", batch: int = 512, mode: str = "policy", **kw) -> dict:
-    cfg = pwm_config(bench.build_config(size, variant, **kw))
-    return bench.epoch_flops(cfg, batch, 256, mode)
-
-
-def test_dense_flops_formula():
-    dims = bench.mlp_dims(10, [20], 3)
-    assert dims == [(10, 20), (20, 3)]
-    fwd = 2 * 5 * (10 * 20 + 20 * 3)
-    assert bench.dense_flops(5, dims) == fwd
-    assert bench.dense_flops(5, dims, dw=True, dx=True) == 3 * fwd  # backward = 2x forward
-    assert bench.dense_flops(5, dims, dw=True, dx=True, dx_first_cols=0) == 3 * fwd - 2 * 5 * 10 * 20
-    assert bench.dense_flops(5, dims, fwd=False, dx=True, dx_first_cols=4) == 2 * 5 * (4 * 20 + 20 * 3)
-
-
-def test_epoch_flops_scaling():
-    for v in ("baseline-frozen", "baseline-finetune", "fullflow-finetune-k8k4"):
-        one, two = _flops(v, batch=512), _flops(v, batch=1024)
-        assert two["needed"] == pytest.approx(2 * one["needed"], rel=1e-12)  # doubling the batch doubles FLOPs
-        assert two["naive"] == pytest.approx(2 * one["naive"], rel=1e-12)
-        assert 0 < one["needed"] <= one["naive"]
-    assert _flops("baseline-frozen")["needed"] < _flops("baseline-finetune")["needed"]  # frozen < fine-tune
-    assert _flops("baseline-frozen")["needed"] < _flops("flowpolicy-frozen")["needed"]
-    assert _flops("fullflow-finetune-k4k2")["needed"] < _flops("fullflow-finetune-k8k4")["needed"]  # K8 > K4
-    assert _flops("baseline-finetune")["needed"] < _flops("fullflow-finetune-k4k2")["needed"]
-    assert _flops("baseline-frozen", size="5M")["needed"] < _flops("baseline-frozen")["needed"]
-    # the fixed preset's 8 x 256 WM sequences are 4x the reference's 512
-    ref, fixed = _flops("baseline-finetune"), _flops("baseline-finetune", wm_updates="iterations")
-    assert fixed["parts"]["wm"]["needed"] == pytest.approx(4 * ref["parts"]["wm"]["needed"], rel=1e-12)
-    pre = _flops("wm-pretrain", batch=1024, mode="pretrain")
-    assert set(pre["parts"]) == {"wm"}
-    assert pre["needed"] == pytest.approx(2 * ref["parts"]["wm"]["needed"], rel=1e-12)
-
-
-def test_epoch_flops_48m_matches_issue_magnitudes():
-    """Issue 9: about 765 needed / 1,100 naive GFLOP per frozen-WM epoch; 5,300 / 6,300 full flow (K4/K2), 48M."""
-    frozen, flow = _flops("baseline-frozen"), _flops("fullflow-finetune-k4k2")
-    assert 650e9 < frozen["needed"] < 850e9 and 900e9 < frozen["naive"] < 1200e9
-    assert 4700e9 < flow["needed"] < 5800e9 and 5700e9 < flow["naive"] < 6900e9
+from fmbpo_jax.tools import bench
 
 
 def test_summarize_trace_ranks_program_ops_and_names_their_source():
@@ -154,10 +112,10 @@ def test_leftover_compiles_sees_running_worker_threads():
     worker.start()
     helper.start()
     try:
-        assert bench._leftover_compiles([threading.main_thread(), worker, helper])
-        assert not bench._leftover_compiles([threading.main_thread(), helper])
+        assert bench.leftover_compiles([threading.main_thread(), worker, helper])
+        assert not bench.leftover_compiles([threading.main_thread(), helper])
     finally:
         gate.set()
         worker.join()
         helper.join()
-    assert not bench._leftover_compiles([threading.main_thread(), worker])  # finished
+    assert not bench.leftover_compiles([threading.main_thread(), worker])  # finished

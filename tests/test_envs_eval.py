@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fmbpo_jax.envs import MT30_TASKS, make_env
-from fmbpo_jax.envs.bench import linear_params, linear_policy
+from fmbpo_jax.tools.env_bench import linear_params, linear_policy
 from fmbpo_jax.envs.evaluate import (
     BackgroundEvaluator,
     Evaluator,

@@ -1,5 +1,5 @@
 """fmbpo_jax.report on two real tiny runs: the tables' numbers against the logs, the figures, the CLI,
-and the pieces (reference matching, IQM, the FLOP formula) on their own."""
+and the pieces (reference matching, IQM) on their own (the FLOP model: test_flops.py)."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from fmbpo_jax import report
+from fmbpo_jax.tools import flops, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -96,7 +96,7 @@ def test_report_numbers_match_the_logs(two_runs, tmp_path):
         assert v["timing"]["epochs_done"] == 10
         assert v["timing"]["task_epochs_per_s"] == pytest.approx(len(results) * 10 / wall)
         cfg = json.load(open(os.path.join(workdir, "config.json")))
-        assert v["compute"]["flops_per_epoch"] == pytest.approx(report.epoch_flops(cfg))
+        assert v["compute"]["flops_per_epoch"] == pytest.approx(flops.from_config_dict(cfg)["needed"])
         assert v["compute"]["return_per_gpu_hour"] == pytest.approx(np.mean(finals_all) / (wall / 3600 / len(results)))
         assert v["reference"] is None  # phase 0: nothing recorded to compare with
     for name in ("eval_curves", "loss_curves", "final_return_bars"):
@@ -214,24 +214,3 @@ def test_iqm_is_scipys_trim_mean():
     s = sorted(x)
     assert report.iqm(x) == pytest.approx(np.mean(s[2:6]))
     assert report.iqm([1.0, 2.0, 3.0]) == pytest.approx(2.0)
-
-
-def test_epoch_flops_hand_count():
-    """Phase-3 baseline at 48M (frozen MLP WM, Gaussian actor): count the matmuls by hand."""
-    c = _phase_config("phase3", "baseline")
-    L, E, O, A, B, H = 768, 64, 24, 6, 512, 16
-    enc = (O + E) * 1792 + 1792 * 1792 * 2 + 1792 * L
-    dyn = (L + E + A) * 1792 + 1792 * 1792 + 1792 * L
-    rew = (L + A + E) * 1792 + 1792 * 1792 + 1792 * 101
-    act = L * 400 + 400 * 200 + 200 * 100 + 100 * A
-    crit = 3 * (L * 400 + 400 * 200 + 200 * 1)
-    actor = 2 * B * enc + 6 * H * B * (act + dyn + rew) + 2 * H * B * crit + 6 * B * crit
-    critic = 8 * 4 * (B * H // 4) * crit * 6
-    parts = report.epoch_flops_breakdown(c)
-    assert parts["wm"] == 0 and parts["actor"] == actor and parts["critic"] == critic
-    assert report.epoch_flops(c) == actor + critic
-    # fine-tuning a Heun K=4 flow WM with wm_iterations=8 x 256 adds WM-loss FLOPs; Euler halves the rollout
-    heun = report.epoch_flops_breakdown(_phase_config("phase4"))
-    euler = report.epoch_flops_breakdown(_phase_config("phase4", model=dict(_phase_config("phase4")["model"], wm_integrator="euler",
-                                                                           actor_integrator="euler")))
-    assert heun["wm"] > 0 and euler["wm"] < heun["wm"] and euler["actor"] < heun["actor"]

@@ -1,7 +1,7 @@
 """python -m fmbpo_jax.envs {replay,bench,list,video} ...
 
   replay --golden FILE.npz [--tasks T ...] [--atol 1e-6]   compare our envs with a golden file; exit 1 on mismatch
-  bench [--workers 1 2] [--episodes 10] [--steps 500]      evaluation throughput (see bench.py)
+  bench [--workers 1 2] [--episodes 10] [--steps 500]      evaluation throughput (fmbpo_jax/tools/env_bench.py)
   list                                                     the 30 tasks with ids and dims
   video --task T [--seed S] [--steps N] --out FILE         render an episode (needs MUJOCO_GL=egl or glfw)
 """
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     if cmd == "replay":
         return _replay(rest)
     if cmd == "bench":
-        from fmbpo_jax.envs.bench import main as bench_main
+        from fmbpo_jax.tools.env_bench import main as bench_main
 
         return bench_main(rest)
     if cmd == "list":

@@ -14,15 +14,16 @@ import argparse
 import json
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
+from fmbpo_jax.envs.env import make_env
+from fmbpo_jax.envs.evaluate import Evaluator
 from fmbpo_jax.envs.tasks import MAX_ACTION_DIM, MAX_OBS_DIM, MT30_TASKS
 
 
 def linear_policy(params, obs, task_ids):
     """a = tanh(obs @ W[task] + b[task]): a per-task random linear policy, gathered by task id."""
-    import jax.numpy as jnp
-
     W = params["W"][task_ids]  # [N, 24, 6]
     b = params["b"][task_ids]  # [N, 6]
     return jnp.tanh(jnp.einsum("ni,nio->no", obs, W) + b)
@@ -35,8 +36,6 @@ def linear_params(seed: int = 0, scale: float = 0.3):
 
 
 def bench_evaluator(tasks, episodes: int, steps: int, workers: int, seed: int = 0, repeats: int = 1) -> dict:
-    from fmbpo_jax.envs.evaluate import Evaluator
-
     params = linear_params(seed)
     t0 = time.perf_counter()
     ev = Evaluator(linear_policy, tasks, episodes=episodes, num_workers=workers, max_steps=steps)
@@ -60,8 +59,6 @@ def bench_evaluator(tasks, episodes: int, steps: int, workers: int, seed: int = 
 
 def bench_raw(tasks, steps: int = 500, seed: int = 0) -> list[dict]:
     """Agent steps/s of one env per task in this process (no policy, no IPC)."""
-    from fmbpo_jax.envs.env import make_env
-
     rng = np.random.default_rng(seed)
     out = []
     for t in tasks:
@@ -79,6 +76,16 @@ def bench_raw(tasks, steps: int = 500, seed: int = 0) -> list[dict]:
     return out
 
 
+def _print_raw(rows: list[dict], as_json: bool) -> None:
+    for r in rows:
+        print(json.dumps(r) if as_json else
+              f"{r['task']:28s} {r['us_per_step']:8.1f} us/step {r['steps_per_s']:8d} steps/s  "
+              f"build {r['build_ms']:.1f} ms")
+    if not as_json:
+        tot = sum(1e6 / r["steps_per_s"] for r in rows)
+        print(f"mean over tasks: {tot / len(rows):.1f} us/agent step ({len(rows) * 1e6 / tot:.0f} steps/s)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fmbpo_jax.envs bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,14 +100,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     tasks = args.tasks or MT30_TASKS
     if args.raw:
-        rows = bench_raw(tasks, args.steps, args.seed)
-        for r in rows:
-            print(json.dumps(r) if args.json else
-                  f"{r['task']:28s} {r['us_per_step']:8.1f} us/step {r['steps_per_s']:8d} steps/s  "
-                  f"build {r['build_ms']:.1f} ms")
-        if not args.json:
-            tot = sum(1e6 / r["steps_per_s"] for r in rows)
-            print(f"mean over tasks: {tot / len(rows):.1f} us/agent step ({len(rows) * 1e6 / tot:.0f} steps/s)")
+        _print_raw(bench_raw(tasks, args.steps, args.seed), args.json)
         return 0
     if not args.json:
         print(f"{len(tasks)} tasks x {args.episodes} episodes x {args.steps} agent steps, random linear policy")
