@@ -199,9 +199,11 @@ def _deltas(case: dict, start: dict, state: dict, frozen_wm, used_tasks: np.ndar
     return out
 
 
-def run_case(gset: GoldenSet, case: dict, dtype: str = "float64") -> dict[str, np.ndarray]:
-    """Replay the case's `updates` consecutive updates from the set's weights; every output array by golden key."""
-    cfg = pwm_config(gset, case)
+def run_case(gset: GoldenSet, case: dict, dtype: str = "float64", **overrides) -> dict[str, np.ndarray]:
+    """Replay the case's `updates` consecutive updates from the set's weights; every output array by golden key.
+
+    overrides: PWMConfig fields to change (e.g. a `fixed` behaviour, to show what it changes)."""
+    cfg = dataclasses.replace(pwm_config(gset, case), **overrides)
     jdtype = jnp.float64 if dtype == "float64" else jnp.float32
     with jax.enable_x64(dtype == "float64"), jax.default_matmul_precision("highest"):
         start = _cast(initial_params(gset, case, cfg), jdtype)

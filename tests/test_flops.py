@@ -17,7 +17,7 @@ from fmbpo_jax.tools.bench.plan import compile_row, lower_row
 from fmbpo_jax.tools.hlo_flops import dot_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GPU_RESULTS = os.path.join(ROOT, "launch", "results", "h200_2026-11-28")
+GPU_RESULTS = os.path.join(ROOT, "docs", "results", "h200_2026-11-28")
 
 
 def _flops(variant: str, size: str = "48M", batch: int = 512, mode: str = "policy", **kw) -> dict:

@@ -54,6 +54,14 @@ def test_max_norm_embedding():
     np.testing.assert_allclose(jnp.linalg.norm(after[2]), 1.0, atol=1e-6)
 
 
+def test_max_norm_embedding_gradient_is_the_output_gradient():
+    """PyTorch renormalises the stored row in place (no_grad) and looks it up, so the stored row receives the plain
+    output gradient: no renormalisation factor, no Jacobian of the renormalisation."""
+    table = jnp.array([[3.0, 4.0], [0.3, 0.4]])
+    g = jax.grad(lambda t: jnp.sum(nets.task_embedding(t, jnp.array([0, 1, 0])) * jnp.array([1.0, 2.0])))(table)
+    np.testing.assert_allclose(g, [[2.0, 4.0], [1.0, 2.0]])
+
+
 def test_action_masks():
     m = nets.action_mask_table([1, 2, 4], 4)
     np.testing.assert_array_equal(m, [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
