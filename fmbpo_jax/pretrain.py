@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmbpo_jax import pwm
+from fmbpo_jax import bundle, pwm
 from fmbpo_jax.data.sampler import WindowData
 from fmbpo_jax.envs.tasks import MT30_TASKS
 from fmbpo_jax.train import sample_run
@@ -46,14 +46,8 @@ def make_pretrain_chunk(cfg: pwm.PWMConfig, num_iters: int, batch_size: int) -> 
 
 
 def save_wm(cfg, params, dst: str, tasks: list[str], info: dict) -> None:
-    from convert_ckpt.formats import Converted
-    from convert_ckpt.store import write_converted
-
-    conv = Converted(format="native", layout="native-pretrain", wm_cfg=cfg.wm,
-                     wm=jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params),
-                     metadata={"obs_dim": cfg.wm.obs_dim, "act_dim": cfg.wm.action_dim, "horizon": cfg.horizon, **info},
-                     tasks=tasks)
-    write_converted(conv, dst, overwrite=True)
+    bundle.save_world_model(cfg.wm, params, dst, tasks,
+                            {"obs_dim": cfg.wm.obs_dim, "act_dim": cfg.wm.action_dim, "horizon": cfg.horizon, **info})
 
 
 def pretrain_wm(config, workdir: str, log: Callable[[str], None] = print) -> dict:

@@ -608,9 +608,12 @@ def load_pretrained_wm(config, wm_cfg):
         return None
     if not os.path.exists(path):
         raise ConfigError(f"--config.checkpoint={path!r} does not exist (see README 'Bring your own checkpoint')")
-    from convert_ckpt.api import load_world_model
+    from fmbpo_jax import bundle
 
-    ck_cfg, params, _ = load_world_model(path)
+    try:
+        ck_cfg, params = bundle.load_world_model(path)
+    except bundle.BundleError as e:
+        raise ConfigError(f"--config.checkpoint={path!r}: {e}") from None
     if ck_cfg.kind != wm_cfg.kind:
         raise ConfigError(f"--config.world_model={wm_cfg.kind!r} but {path} holds a {ck_cfg.kind!r} world model")
     if ck_cfg.num_tasks != wm_cfg.num_tasks:
