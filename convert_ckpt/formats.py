@@ -90,11 +90,9 @@ def _q_tree(cfg: WMConfig, src: Mapping[str, Any], layout: str, what: str) -> Pa
     return params
 
 
-def parse_tdmpc2(obj: Mapping[str, Any], given: Mapping | None = None) -> Converted:
-    sd = obj["model"]
-    if not isinstance(sd, Mapping):
-        raise CheckpointFormatError(f"'model' holds a {type(sd).__name__}, expected a state_dict")
-    extra_top = sorted(k for k in obj if k != "model")
+def _split_tdmpc2_keys(sd: Mapping[str, Any]) -> tuple[dict, dict, dict, dict, dict, dict]:
+    """(world-model keys, _pi keys, old-layout Q trees, new-layout Q trees, buffers, non-tensor Q entries) of a
+    TD-MPC2 'model' state dict; a key no known layout has is an error."""
     wm_sd, pi = {}, {}
     q_old = {"_Qs": {}, "_target_Qs": {}}
     q_new = {"_Qs": {}, "_target_Qs": {}, "_detach_Qs": {}}
@@ -131,22 +129,13 @@ def parse_tdmpc2(obj: Mapping[str, Any], given: Mapping | None = None) -> Conver
                 unknown.append(k)
     if unknown:
         raise StateDictError(f"model: unexpected keys (none of the known TD-MPC2 layouts has them): {sorted(unknown)}\n{KNOWN_LAYOUTS}")
-    has_old = any(q_old.values())
-    has_new = any(q_new.values()) or bool(buffers)
-    if has_old and has_new:
-        raise CheckpointFormatError("model: mixes old ('_Qs.params.<n>', '_target_Qs.params.<n>') and new "
-                                    "('_Qs.params.<layer>.<name>', '_detach_Qs_params', '_target_Qs_params', buffers) TD-MPC2 keys")
-    layout = "tdmpc2-old" if has_old else "tdmpc2-new" if has_new else "tdmpc2-wm-only"
-    for k, v in wm_sd.items():
-        if not _is_tensor(v):
-            raise StateDictError(f"model: non-tensor value under key '{k}'")
-    cfg, wm = wm_from_state_dict(wm_sd, given, what="model (TD-MPC2 world model; '_encoder.state.' shown as '_encoder.')")
-    if cfg.kind != "mlp":
-        raise CheckpointFormatError("model: a TD-MPC2 file holds an MLP world model; found '_velocity.*' keys")
-    conv = Converted(format="tdmpc2", layout=layout, wm_cfg=cfg, wm=wm)
-    conv.key_orders["model"] = [str(k) for k in sd]
+    return wm_sd, pi, q_old, q_new, buffers, nontensor
+
+
+def _tdmpc2_extras(cfg: WMConfig, pi: dict, qs: dict, q_layout: str, buffers: dict, nontensor: dict) -> tuple[Params, dict]:
+    """(tdmpc2_extras, their info): _pi, the Q ensembles, buffers, and what each holds."""
     extras: Params = {}
-    info: dict = {"layout": layout}
+    info: dict = {}
     if pi:
         outs, in0, last_ln, _ = _mlp_shape(pi, "", "model _pi")
         if in0 != cfg.latent_dim + cfg.task_dim:
@@ -155,10 +144,9 @@ def parse_tdmpc2(obj: Mapping[str, Any], given: Mapping | None = None) -> Conver
                                                wmmlp_template(in0, outs, last_ln), what="model _pi")
         info["pi"] = dict(in_dim=in0, units=outs[:-1], out_dim=outs[-1], last_layer="normedlinear" if last_ln else "linear",
                           input="[z, task_emb]", output="[mu (action_dim), log_std (action_dim)]")
-    qs = q_old if has_old else q_new
     for name, src in qs.items():
         if src:
-            extras[name] = _q_tree(cfg, src, "old" if has_old else "new", f"model {name}")
+            extras[name] = _q_tree(cfg, src, q_layout, f"model {name}")
     if "_Qs" in extras:
         q = extras["_Qs"]
         info["num_q"] = int(q["0"]["kernel"].shape[0])
@@ -174,8 +162,32 @@ def parse_tdmpc2(obj: Mapping[str, Any], given: Mapping | None = None) -> Conver
         extras["buffers"] = {k: to_numpy(v, k).astype(np.float32) for k, v in buffers.items()}
     if nontensor:
         info["nontensor"] = {k: to_jsonable(v) for k, v in nontensor.items()}
+    return extras, info
+
+
+def parse_tdmpc2(obj: Mapping[str, Any], given: Mapping | None = None) -> Converted:
+    sd = obj["model"]
+    if not isinstance(sd, Mapping):
+        raise CheckpointFormatError(f"'model' holds a {type(sd).__name__}, expected a state_dict")
+    extra_top = sorted(k for k in obj if k != "model")
+    wm_sd, pi, q_old, q_new, buffers, nontensor = _split_tdmpc2_keys(sd)
+    has_old = any(q_old.values())
+    has_new = any(q_new.values()) or bool(buffers)
+    if has_old and has_new:
+        raise CheckpointFormatError("model: mixes old ('_Qs.params.<n>', '_target_Qs.params.<n>') and new "
+                                    "('_Qs.params.<layer>.<name>', '_detach_Qs_params', '_target_Qs_params', buffers) TD-MPC2 keys")
+    layout = "tdmpc2-old" if has_old else "tdmpc2-new" if has_new else "tdmpc2-wm-only"
+    for k, v in wm_sd.items():
+        if not _is_tensor(v):
+            raise StateDictError(f"model: non-tensor value under key '{k}'")
+    cfg, wm = wm_from_state_dict(wm_sd, given, what="model (TD-MPC2 world model; '_encoder.state.' shown as '_encoder.')")
+    if cfg.kind != "mlp":
+        raise CheckpointFormatError("model: a TD-MPC2 file holds an MLP world model; found '_velocity.*' keys")
+    conv = Converted(format="tdmpc2", layout=layout, wm_cfg=cfg, wm=wm)
+    conv.key_orders["model"] = [str(k) for k in sd]
+    extras, info = _tdmpc2_extras(cfg, pi, q_old if has_old else q_new, "old" if has_old else "new", buffers, nontensor)
     conv.extras = extras or None
-    conv.extras_info = info
+    conv.extras_info = {"layout": layout, **info}
     if extra_top:
         conv.metadata = {k: to_jsonable(obj[k], conv.notes, k) for k in extra_top}
     if cfg.num_tasks == 30 and cfg.task_dim > 0:

@@ -195,7 +195,7 @@ def restore_target(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_chunk_fn(chunk_fn: Callable, mesh: Mesh, donate: bool = True) -> Callable:
-    """jit `train.make_train_chunk`'s function with explicit shardings for the mesh.
+    """jit `training.program.make_train_chunk`'s function with explicit shardings for the mesh.
 
     Returns fn(state [R_pad], frozen_wm | None, data: WindowData, run_pos [R_pad], run_task [R_pad])
     -> (state [R_pad], metrics [N, R_pad]); state, run_pos, run_task and metrics sharded on 'task', frozen
@@ -214,12 +214,12 @@ def batch_spec() -> P:
 
 
 def shard_chunk_fn_host(chunk_fn: Callable, mesh: Mesh, donate: bool = True, run_major: bool = False) -> Callable:
-    """The same for `train.make_train_chunk_host`: fn(state, frozen_wm, batches, run_task).
+    """The same for `training.program.make_train_chunk_host`: fn(state, frozen_wm, batches, run_task).
 
     run_major=False: task-major batches [N, T, S*per, ...] replicated on every device (one process; the chunk
     maps its R = S*T run batches onto the R_pad state rows with `pad_index`). run_major=True: batches
     [N, R_pad, per, ...] sharded on 'task' (`batch_spec`), each process feeding only its own rows
-    (multi-process, see `train.local_host_batches`).
+    (multi-process, see `training.feed.local_host_batches`).
     """
     runs, rep = run_sharding(mesh), replicated(mesh)
     b = NamedSharding(mesh, batch_spec()) if run_major else rep

@@ -140,7 +140,7 @@ def make_train_chunk_host(cfg: pwm.PWMConfig, num_seeds: int, batch_size: int, w
 
     batches: obs [N, T, S*(B + I*Bw), H+1, O] (batch-major, as the sampler gives them): window block s of
     each task goes to seed s; within a block the first B windows feed the policy, the rest the WM steps.
-    run_major=True: batches are already per run row, obs [N, R_pad, B + I*Bw, H+1, O] (`local_host_batches`,
+    run_major=True: batches are already per run row, obs [N, R_pad, B + I*Bw, H+1, O] (`training.feed.local_host_batches`,
     multi-process), so neither the task->run regrouping nor pad_index applies.
     """
     _check_constraint(constrain, task_chunk)
