@@ -21,7 +21,7 @@ from fmbpo_jax.data.sampler import WindowData
 from fmbpo_jax.envs.tasks import MT30_TASKS
 from fmbpo_jax.run_config import ConfigError, RunPlan
 from fmbpo_jax.training import feed
-from fmbpo_jax.training.lifecycle import Checkpointer, Preempted, SigtermFlag, run_chunks
+from fmbpo_jax.training.lifecycle import Checkpointer, Preempted, SigtermFlag, every, run_chunks
 from fmbpo_jax.training.program import sample_run
 from fmbpo_jax.training.runlog import append_jsonl, read_jsonl, truncate_jsonl
 
@@ -102,10 +102,10 @@ class Pretrainer:
     def run(self) -> dict:
         p = self.plan.pretrain
         self.t0 = time.time() - self.elapsed  # elapsed_sec in the log continues across restarts
-        every = max(1, min(p.best_every, p.iters))
+        chunk = max(1, min(p.best_every, p.iters))  # iterations per call: the best is checked after each
         with SigtermFlag() as sigterm, jax.default_matmul_precision(self.plan.matmul_precision):
-            self.done, stopped = run_chunks(self.done, p.iters, every, self.train_chunk, self.save, p.checkpoint_every,
-                                            lambda: sigterm.flag)
+            self.done, stopped = run_chunks(self.done, p.iters, chunk, self.train_chunk, self.save,
+                                            every(p.checkpoint_every), lambda: sigterm.flag)
         self.checkpointer.close()
         if stopped and self.done < p.iters:
             raise Preempted(f"SIGTERM: checkpointed WM pretraining at iter {self.done} in {self.workdir}; "

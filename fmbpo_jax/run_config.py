@@ -220,9 +220,13 @@ def compute_dtype(config) -> str:
     return "bfloat16" if config.precision == "bf16" else "float32"
 
 
+# jax.default_matmul_precision value for each --config.precision
+MATMUL_PRECISION = {"float32": "highest", "tf32": "tensorfloat32", "bf16": "bfloat16"}
+
+
 def matmul_precision(config) -> str:
     """jax.default_matmul_precision value for --config.precision."""
-    return {"float32": "highest", "tf32": "tensorfloat32", "bf16": "bfloat16"}[config.precision]
+    return MATMUL_PRECISION[config.precision]
 
 
 DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
@@ -388,7 +392,7 @@ class RunPlan:
     @property
     def matmul_precision(self) -> str:
         """jax.default_matmul_precision value for --config.precision."""
-        return {"float32": "highest", "tf32": "tensorfloat32", "bf16": "bfloat16"}[self.precision]
+        return MATMUL_PRECISION[self.precision]
 
     def with_world_model(self, ck_cfg: WMConfig, path: str) -> "RunPlan":
         """This plan with a pretrained WM's architecture (read from `path`).

@@ -13,7 +13,7 @@ from conftest import tiny_config
 from fmbpo_jax import run_config
 from fmbpo_jax.run_config import ConfigError, RunPlan
 from fmbpo_jax.sharding import RunAxis
-from fmbpo_jax.training.lifecycle import Checkpointer, run_chunks
+from fmbpo_jax.training.lifecycle import Checkpointer, every, run_chunks
 
 
 def test_plan_resolves_the_config_once():
@@ -87,7 +87,7 @@ def test_run_axis_on_one_process():
 def test_run_chunks_saves_on_the_clock_at_the_end_and_when_stopped():
     def loop(done, total, stop_after=None):
         steps, saves = [], []
-        out = run_chunks(done, total, 4, lambda d, n: steps.append((d, n)), saves.append, 8,
+        out = run_chunks(done, total, 4, lambda d, n: steps.append((d, n)), saves.append, every(8),
                          lambda: stop_after is not None and steps[-1][0] + steps[-1][1] >= stop_after)
         return out, steps, saves
 

@@ -133,6 +133,7 @@ def per_run_values(spec: RunSpec, groups: list, results: list, fields: list[Call
             owned[r] = True
     return vals, owned
 
+
 class Evaluation:
     """The trainer's evaluations and the per-run best params (by periodic evaluation return).
 

@@ -3,6 +3,7 @@
 Shared by the policy trainer (`training.trainer`) and WM pretraining (`fmbpo_jax.pretrain`):
 - `run_chunks`: the loop skeleton. One step per jitted call; a checkpoint on the save clock, at the end and after
   a SIGTERM; the caller turns a stop into `Preempted` (exit code EXIT_REQUEUE = 75 in the main job).
+- `every(n)`: a clock, true at multiples of n.
 - `Checkpointer`: one orbax CheckpointManager (atomic steps, two kept) holding a params/state tree and the run's
   host-side bookkeeping as JSON in the same step.
 - `SigtermFlag`: SIGTERM only sets a flag, read between jitted calls.
@@ -82,19 +83,24 @@ class Checkpointer:
         self._mngr.close()
 
 
+def every(n: int) -> Callable[[int], bool]:
+    """A clock: true at the multiples of n."""
+    return lambda step: step % n == 0
+
+
 def run_chunks(done: int, total: int, chunk: int, step: Callable[[int, int], None], save: Callable[[int], None],
-               save_every: int, stop: Callable[[], bool]) -> tuple[int, bool]:
+               should_save: Callable[[int], bool], stop: Callable[[], bool]) -> tuple[int, bool]:
     """The loop both trainers share: `step(done, n)` for chunks of n <= `chunk` units until `total`.
 
-    After each step: `stop()` (a SIGTERM, agreed by every process), then `save(done)` when `done` is a multiple of
-    `save_every`, the last unit or stopping. Returns (units done, stopped early by `stop`).
+    After each step: `stop()` (a SIGTERM, agreed by every process), then `save(done)` when the clock
+    `should_save(done)` says so, at the last unit or when stopping. Returns (units done, stopped early by `stop`).
     """
     while done < total:
         n = min(chunk, total - done)
         step(done, n)
         done += n
         stopped = stop()
-        if done % save_every == 0 or done == total or stopped:
+        if should_save(done) or done == total or stopped:
             save(done)
         if stopped:
             return done, True

@@ -177,7 +177,7 @@ class Trainer:
                 if self.evaluation.due(self.epoch) and self.evaluation.last_epoch < self.epoch:
                     self.evaluation.submit(self.epoch, self.state)  # the reference evaluates at i = 0 too
                 self.epoch, stopped = run_chunks(self.epoch, plan.epochs, plan.cadence.chunk_epochs, self.train_chunk,
-                                                 self.save, plan.cadence.checkpoint_freq, self.should_stop)
+                                                 self.save, plan.cadence.should_save, self.should_stop)
         finally:
             self.feed.close()
         if stopped:
