@@ -1,4 +1,4 @@
-"""Python API of convert_ckpt (what the trainer and the CLI call).
+"""Python API of convert_ckpt (what the CLI calls, and the trainer's reader of `.pt` files).
 
     from convert_ckpt.api import load_world_model, load_actor, load_critic
     cfg, params, extras = load_world_model("mt30_48M_4900000.pt")          # a .pt file ...
@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from convert_ckpt.errors import ConvertError
-from convert_ckpt.formats import Converted, _check_given, parse_checkpoint
+from convert_ckpt.formats import Converted, parse_checkpoint
+from convert_ckpt.modules import _check_given
+from convert_ckpt.safe_load import safe_torch_load
 from convert_ckpt.store import is_converted_dir, read_converted, sha256_file, write_converted, write_torch
 from fmbpo_jax.actors import ActorConfig
 from fmbpo_jax.critic import CriticConfig
@@ -124,8 +126,6 @@ def load_checkpoint(path: str | os.PathLike, given: Given | None = None, fmt: st
         if not is_converted_dir(path):
             raise ConvertError(f"{path} is a directory but not a converted checkpoint (no manifest.json + params/)")
         return _apply_given_to_stored(read_converted(path), given or {})
-    from convert_ckpt.safe_load import safe_torch_load
-
     obj = safe_torch_load(path)
     return parse_checkpoint(obj, given, fmt)
 
@@ -140,6 +140,13 @@ def load_world_model(path: str | os.PathLike, wm_cfg: WMConfig | None = None, gi
     extras = dict(tdmpc2_extras=conv.extras, tdmpc2_extras_info=conv.extras_info, running_stats=conv.running_stats,
                   tasks=conv.tasks, metadata=conv.metadata, preset=conv.preset(), format=conv.format, layout=conv.layout)
     return conv.wm_cfg, conv.wm, extras
+
+
+def read_world_model(path: str | os.PathLike):
+    """(WMConfig, params) of a PyTorch file: the reader `fmbpo_jax.bundle` finds for `--config.checkpoint=FILE.pt`
+    (entry point `pt` of the group fmbpo_jax.checkpoint_readers, pyproject.toml)."""
+    cfg, params, _ = load_world_model(path)
+    return cfg, params
 
 
 def load_actor(path: str | os.PathLike, actor_cfg: ActorConfig | None = None, given: Given | None = None):
@@ -188,5 +195,5 @@ def export_checkpoint(src: str | os.PathLike | Converted, dst: str | os.PathLike
     return write_torch(conv, dst, fmt, notes), notes
 
 
-__all__ = ["load_checkpoint", "load_world_model", "load_actor", "load_critic", "convert_checkpoint", "convert_object",
+__all__ = ["load_checkpoint", "load_world_model", "read_world_model", "load_actor", "load_critic", "convert_checkpoint", "convert_object",
            "export_checkpoint", "given_from_config", "given_from_wm_cfg", "merge_given", "ModuleMissingError", "Converted"]

@@ -15,8 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
+
+from convert_ckpt import dataset
+from convert_ckpt import verify as V
+from convert_ckpt.api import convert_checkpoint, export_checkpoint, given_from_config, load_checkpoint, merge_given
+from convert_ckpt.errors import ConvertError, SafeLoadError, StateDictError
+from convert_ckpt.formats import detect_format, parse_checkpoint
+from convert_ckpt.safe_load import Stub, safe_torch_load
+from convert_ckpt.store import is_converted_dir, read_manifest
 
 EXIT_OK, EXIT_MISMATCH, EXIT_REFUSED, EXIT_NOTHING = 0, 1, 2, 3
 
@@ -41,8 +52,6 @@ def _add_given_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _given(args) -> dict:
-    from convert_ckpt.api import given_from_config, merge_given
-
     wm = {k: getattr(args, k, None) for k in ("num_tasks", "task_dim", "obs_dim", "action_dim", "latent_dim",
                                               "simnorm_dim", "num_bins", "vmin", "vmax")}
     flags: dict[str, Any] = {
@@ -60,8 +69,6 @@ def _given(args) -> dict:
 
 
 def cmd_checkpoint(args) -> int:
-    from convert_ckpt.api import convert_checkpoint
-
     m = convert_checkpoint(args.src, args.dst, fmt=args.format, given=_given(args), overwrite=args.overwrite)
     print(f"converted {args.src} -> {args.dst}")
     print(f"  format: {m['source']['format']} ({m['source']['layout']}), sha256 {m['source']['sha256']}")
@@ -79,8 +86,6 @@ def cmd_checkpoint(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from convert_ckpt.api import export_checkpoint
-
     path, notes = export_checkpoint(args.src, args.dst, fmt=args.format)
     print(f"exported {args.src} -> {path} ({args.format} layout)")
     for n in notes:
@@ -89,11 +94,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    import numpy as np
-
-    from convert_ckpt import verify as V
-    from convert_ckpt.api import load_checkpoint
-
     given = _given(args)
     conv = load_checkpoint(args.ckpt, given)
     try:
@@ -134,8 +134,6 @@ def cmd_verify_update(args) -> int:
 
 
 def _describe(v) -> str:
-    from convert_ckpt.safe_load import Stub
-
     if hasattr(v, "shape") and hasattr(v, "dtype"):
         return f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
     if isinstance(v, Stub):
@@ -145,8 +143,6 @@ def _describe(v) -> str:
 
 
 def _tree_lines(obj, indent: str = "  ", depth: int = 0, max_items: int = 400) -> list[str]:
-    from collections.abc import Mapping
-
     lines = []
     for i, (k, v) in enumerate(obj.items()):
         if i >= max_items:
@@ -161,12 +157,6 @@ def _tree_lines(obj, indent: str = "  ", depth: int = 0, max_items: int = 400) -
 
 
 def cmd_inspect(args) -> int:
-    from collections.abc import Mapping
-
-    from convert_ckpt.formats import detect_format, parse_checkpoint
-    from convert_ckpt.safe_load import safe_torch_load
-    from convert_ckpt.store import is_converted_dir, read_manifest
-
     if is_converted_dir(args.file):
         m = read_manifest(args.file)
         print(f"{args.file}: converted checkpoint directory")
@@ -203,17 +193,6 @@ def cmd_inspect(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- parser
-
-
-def _dataset_module():
-    """convert_ckpt.dataset (another engineer's) if it exposes a CLI hook; None otherwise."""
-    try:
-        from convert_ckpt import dataset
-    except Exception:
-        return None
-    if hasattr(dataset, "add_dataset_parser") and hasattr(dataset, "run_dataset"):
-        return dataset
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,15 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_given_flags(p)
     p.set_defaults(func=cmd_inspect)
 
-    ds = _dataset_module()
-    if ds is not None:
-        ds.add_dataset_parser(sub)
+    dataset.add_dataset_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from convert_ckpt.errors import ConvertError, SafeLoadError, StateDictError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -156,6 +156,40 @@ def _shape_check(arrays: dict[str, np.ndarray], path: str, episode_length: int |
     return n, L, do, da
 
 
+def _count_nonfinite(rep: dict, key: str, x: np.ndarray, b0: int) -> None:
+    """Add the NaN/inf values of a block of episodes x [n, ...] (first episode b0) to rep['nan_<key>_*']."""
+    nf = ~np.isfinite(x)
+    if nf.any():
+        per_ep = nf.reshape(x.shape[0], -1).sum(axis=1)
+        rep[f"nan_{key}_values"] += int(per_ep.sum())
+        rep[f"nan_{key}_episodes"].extend((b0 + np.nonzero(per_ep)[0]).tolist())
+
+
+def _raise_bad_episodes(rep: dict, ep_task: np.ndarray, task, path: str) -> None:
+    """DatasetError for what the scan of a chunk found: a task id changing within an episode, outside MT30, NaN/inf."""
+    n_tasks = len(MT30_TASKS)
+    if rep["nonconst"]:
+        e = rep["nonconst"][0]
+        vals = sorted(set(np.asarray(task[e]).tolist()))
+        raise DatasetError(
+            f"{path}: task id is not constant along episode {e} (values {vals[:8]}); "
+            f"{len(rep['nonconst'])} such episode(s): {rep['nonconst'][:10]}"
+        )
+    outside = np.nonzero((ep_task < 0) | (ep_task >= n_tasks))[0]
+    if outside.size:
+        raise DatasetError(
+            f"{path}: task id {int(ep_task[outside[0]])} of episode {int(outside[0])} is outside the MT30 task set "
+            f"0..{n_tasks - 1}; {outside.size} such episode(s): {outside[:10].tolist()}"
+        )
+    for key, label in (("obs", "obs"), ("act", "action[:, 1:]"), ("rew", "reward[:, 1:]")):
+        if rep[f"nan_{key}_values"]:
+            eps = rep[f"nan_{key}_episodes"]
+            raise DatasetError(
+                f"{path}: {rep[f'nan_{key}_values']} NaN/inf value(s) in {label} in {len(eps)} episode(s), "
+                f"first episodes {eps[:10]} (NaN is only allowed in the index-0 filler action/reward)"
+            )
+
+
 def validate_chunk(arrays: dict[str, np.ndarray], path: str, episode_length: int | None = DEFAULT_EPISODE_LENGTH) -> dict:
     """Check one loaded chunk; return a report (per-episode task ids, index-0 and padding statistics).
 
@@ -181,24 +215,10 @@ def validate_chunk(arrays: dict[str, np.ndarray], path: str, episode_length: int
         bad = np.nonzero((tk != first[:, None]).any(axis=1))[0]
         rep["nonconst"].extend((b0 + bad).tolist())
         ep_task[b0:b1] = first
-        o = np.asarray(obs[b0:b1])
-        nf = ~np.isfinite(o)
-        if nf.any():
-            per_ep = nf.reshape(b1 - b0, -1).sum(axis=1)
-            rep["nan_obs_values"] += int(per_ep.sum())
-            rep["nan_obs_episodes"].extend((b0 + np.nonzero(per_ep)[0]).tolist())
-        a = np.asarray(action[b0:b1])
-        nf = ~np.isfinite(a[:, 1:])
-        if nf.any():
-            per_ep = nf.reshape(b1 - b0, -1).sum(axis=1)
-            rep["nan_act_values"] += int(per_ep.sum())
-            rep["nan_act_episodes"].extend((b0 + np.nonzero(per_ep)[0]).tolist())
-        r = np.asarray(reward[b0:b1])
-        nf = ~np.isfinite(r[:, 1:])
-        if nf.any():
-            per_ep = nf.sum(axis=1)
-            rep["nan_rew_values"] += int(per_ep.sum())
-            rep["nan_rew_episodes"].extend((b0 + np.nonzero(per_ep)[0]).tolist())
+        o, a, r = np.asarray(obs[b0:b1]), np.asarray(action[b0:b1]), np.asarray(reward[b0:b1])
+        _count_nonfinite(rep, "obs", o, b0)
+        _count_nonfinite(rep, "act", a[:, 1:], b0)
+        _count_nonfinite(rep, "rew", r[:, 1:], b0)
         index0["reward_nan"] += int(np.isnan(r[:, 0]).sum())
         index0["reward_finite"] += int(np.isfinite(r[:, 0]).sum())
         index0["action_nan"] += int(np.isnan(a[:, 0]).sum())
@@ -211,26 +231,7 @@ def validate_chunk(arrays: dict[str, np.ndarray], path: str, episode_length: int
             amask = (np.arange(da)[None, :] >= act_lim[ft][:, None]) & valid[:, None]
             obs_pad_nonzero += int(((o != 0) & omask[:, None, :]).sum())
             act_pad_nonzero += int(((a[:, 1:] != 0) & amask[:, None, :]).sum())
-    if rep["nonconst"]:
-        e = rep["nonconst"][0]
-        vals = sorted(set(np.asarray(task[e]).tolist()))
-        raise DatasetError(
-            f"{path}: task id is not constant along episode {e} (values {vals[:8]}); "
-            f"{len(rep['nonconst'])} such episode(s): {rep['nonconst'][:10]}"
-        )
-    outside = np.nonzero((ep_task < 0) | (ep_task >= n_tasks))[0]
-    if outside.size:
-        raise DatasetError(
-            f"{path}: task id {int(ep_task[outside[0]])} of episode {int(outside[0])} is outside the MT30 task set "
-            f"0..{n_tasks - 1}; {outside.size} such episode(s): {outside[:10].tolist()}"
-        )
-    for key, label in (("obs", "obs"), ("act", "action[:, 1:]"), ("rew", "reward[:, 1:]")):
-        if rep[f"nan_{key}_values"]:
-            eps = rep[f"nan_{key}_episodes"]
-            raise DatasetError(
-                f"{path}: {rep[f'nan_{key}_values']} NaN/inf value(s) in {label} in {len(eps)} episode(s), "
-                f"first episodes {eps[:10]} (NaN is only allowed in the index-0 filler action/reward)"
-            )
+    _raise_bad_episodes(rep, ep_task, task, path)
     return {
         "episodes": n,
         "episode_length": L,

@@ -1,7 +1,7 @@
 """Errors of convert_ckpt. Every one carries a message meant for the person running the converter."""
 from __future__ import annotations
 
-from fmbpo_jax.torch_mapping import StateDictError
+from convert_ckpt.torch_mapping import StateDictError
 
 # Re-exported so callers can catch everything from one place.
 from convert_ckpt.safe_load import SafeLoadError, UnsafePickleError

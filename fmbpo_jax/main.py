@@ -6,12 +6,21 @@ the same --workdir resumes from its last checkpoint. Exit codes: 0 done, 2 bad c
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from fmbpo_jax import sharding
+from fmbpo_jax.demo import run_demo
+from fmbpo_jax.pretrain import pretrain_wm
+from fmbpo_jax.run_config import ConfigError, RunPlan, set_deterministic_xla
+from fmbpo_jax.training.lifecycle import EXIT_REQUEUE, Preempted, TrainingStopped
+from fmbpo_jax.training.trainer import train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(_HERE), "configs", "demo.py")
@@ -38,20 +47,18 @@ def distributed_kwargs(coordinator: str, num_processes: int, process_id: int) ->
 class WandbSink:
     """Forwards log rows to wandb (process 0 only); a no-op when disabled."""
 
-    def __init__(self, config, mode: str, workdir: str):
+    def __init__(self, plan: RunPlan, mode: str, workdir: str):
         self.run = None
-        if mode == "disabled":
+        if mode == "disabled" or jax.process_index() != 0:
             return
-        import jax
-        import wandb
+        import wandb  # optional: only with --wandb
 
-        if jax.process_index() != 0:
-            return
-        c = config
-        name = (f"{c.name}_seed{c.seeds.replace(',', '-')}_H{c.alg.horizon}_K{c.model.wm_substeps if c.world_model == 'flow' else 0}"
-                f"_Kpol{c.model.actor_substeps if c.actor == 'flow' else 0}")
-        self.run = wandb.init(project=c.wandb.project, entity=c.wandb.entity or None, name=name, mode=mode,
-                              dir=workdir, config=c.to_dict())
+        p = plan
+        name = (f"{p.name}_seed{'-'.join(map(str, p.spec.seeds))}_H{p.pwm.horizon}"
+                f"_K{p.pwm.wm.substeps if p.pwm.wm.kind == 'flow' else 0}"
+                f"_Kpol{p.pwm.actor.substeps if p.pwm.actor.kind == 'flow' else 0}")
+        self.run = wandb.init(project=p.wandb_project, entity=p.wandb_entity or None, name=name, mode=mode,
+                              dir=workdir, config=json.loads(p.config_json))
 
     def metrics(self, rows):
         if self.run is not None:
@@ -66,40 +73,33 @@ class WandbSink:
             self.run.finish()
 
 
+def run(config, plan: RunPlan, workdir: str, sink: WandbSink) -> None:
+    """The plan's mode. The demo composes three runs (WM pretraining, two policy variants) from the config itself."""
+    if plan.mode == "demo":
+        run_demo(config, workdir)
+    elif plan.mode == "pretrain_wm":
+        out = pretrain_wm(plan, workdir)
+        print(f"best wm_loss {out['best_wm_loss']:.4f} -> {out['best_dir']}")
+    else:
+        train(plan, workdir, on_metrics=sink.metrics, on_eval=sink.evals)
+
+
 def main(argv):
     del argv
-    from fmbpo_jax.run_config import ConfigError
-    from fmbpo_jax.train import EXIT_REQUEUE, Preempted, TrainingStopped
-
-    config = _CONFIG.value
-    from fmbpo_jax.run_config import apply_xla_flags
-
-    apply_xla_flags(config)  # before jax starts its backends (below), the only time XLA reads XLA_FLAGS
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it renames at INFO
-    from fmbpo_jax import sharding
-
+    config = _CONFIG.value
     try:
+        plan = RunPlan.from_config(config)  # every config error (exit code 2) before anything starts
         dist = distributed_kwargs(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except ValueError as e:
+    except ValueError as e:  # ConfigError is one
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    set_deterministic_xla(plan.deterministic)  # before jax starts its backends (below), the only time XLA reads XLA_FLAGS
     sharding.initialize_distributed(_MULTIHOST.value, **dist)  # also when SLURM / a TPU slice runs several processes
-    workdir = _WORKDIR.value or os.path.join("runs", config.name)
-    sink = WandbSink(config, _WANDB.value, workdir)
+    workdir = _WORKDIR.value or os.path.join("runs", plan.name)
+    sink = WandbSink(plan, _WANDB.value, workdir)
     try:
-        if config.mode == "demo":
-            from fmbpo_jax.demo import run_demo
-
-            run_demo(config, workdir)
-        elif config.mode == "pretrain_wm":
-            from fmbpo_jax.pretrain import pretrain_wm
-
-            out = pretrain_wm(config, workdir)
-            print(f"best wm_loss {out['best_wm_loss']:.4f} -> {out['best_dir']}")
-        else:
-            from fmbpo_jax.train import train
-
-            train(config, workdir, on_metrics=sink.metrics, on_eval=sink.evals)
+        run(config, plan, workdir, sink)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

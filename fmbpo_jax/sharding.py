@@ -22,9 +22,14 @@ sampled windows is split on it when the chunk function constrains its batches wi
 Checkpoints hold the UNPADDED state (R runs), sharded as evenly as R allows on the current mesh
 (`unpadded_sharding`): restore it with `restore_target(...)` as orbax's target on any device count,
 then `pad_runs` again.
+
+`RunAxis` is what the trainer's loop uses: these operations bound to one mesh and run count (place and pad,
+replicate, unpad, gather to the host, this process's rows, collective flags, sharded programs).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -32,6 +37,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -41,7 +47,7 @@ __all__ = [
     "padded_size", "pad_index", "pad_runs", "unpad", "unpadded_sharding", "restore_target", "put_runs",
     "put_replicated", "shard_chunk_fn", "shard_chunk_fn_host", "constrain_batch", "multihost_requested",
     "initialize_distributed", "process_run_rows", "global_runs_from_local", "is_multiprocess", "put_global",
-    "host_gather", "batch_spec", "local_rows", "gather_runs",
+    "host_gather", "batch_spec", "local_rows", "gather_runs", "RunAxis",
 ]
 
 
@@ -189,7 +195,7 @@ def restore_target(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_chunk_fn(chunk_fn: Callable, mesh: Mesh, donate: bool = True) -> Callable:
-    """jit `train.make_train_chunk`'s function with explicit shardings for the mesh.
+    """jit `training.program.make_train_chunk`'s function with explicit shardings for the mesh.
 
     Returns fn(state [R_pad], frozen_wm | None, data: WindowData, run_pos [R_pad], run_task [R_pad])
     -> (state [R_pad], metrics [N, R_pad]); state, run_pos, run_task and metrics sharded on 'task', frozen
@@ -208,12 +214,12 @@ def batch_spec() -> P:
 
 
 def shard_chunk_fn_host(chunk_fn: Callable, mesh: Mesh, donate: bool = True, run_major: bool = False) -> Callable:
-    """The same for `train.make_train_chunk_host`: fn(state, frozen_wm, batches, run_task).
+    """The same for `training.program.make_train_chunk_host`: fn(state, frozen_wm, batches, run_task).
 
     run_major=False: task-major batches [N, T, S*per, ...] replicated on every device (one process; the chunk
     maps its R = S*T run batches onto the R_pad state rows with `pad_index`). run_major=True: batches
     [N, R_pad, per, ...] sharded on 'task' (`batch_spec`), each process feeding only its own rows
-    (multi-process, see `train.local_host_batches`).
+    (multi-process, see `training.feed.local_host_batches`).
     """
     runs, rep = run_sharding(mesh), replicated(mesh)
     b = NamedSharding(mesh, batch_spec()) if run_major else rep
@@ -329,8 +335,6 @@ def host_gather(tree: Any) -> Any:
     """
     if not is_multiprocess():
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
@@ -373,8 +377,6 @@ def gather_runs(values: np.ndarray, owned: np.ndarray) -> np.ndarray:
         if not owned.all():
             raise ValueError(f"gather_runs: runs {np.flatnonzero(~owned).tolist()} have no owner")
         return values
-    from jax.experimental import multihost_utils
-
     bits, own = multihost_utils.process_allgather((values.view(np.uint32), owned.astype(np.int32)))  # [P, ..., 2R], [P, R]
     v = np.ascontiguousarray(bits).view(np.float64)  # [P, ..., R]
     if (own.sum(0) == 0).any():
@@ -382,3 +384,133 @@ def gather_runs(values: np.ndarray, owned: np.ndarray) -> np.ndarray:
     first = own.argmax(0)  # [R]
     vm = np.moveaxis(v, 0, -1)  # [..., R, P]
     return np.take_along_axis(vm, np.broadcast_to(first[:, None], vm.shape[:-1] + (1,)), axis=-1)[..., 0]
+
+
+# ======================================================================================== the run axis
+
+
+@dataclasses.dataclass(frozen=True)
+class RunAxis:
+    """The run axis of one training job: R real runs padded to R_pad rows sharded over the mesh's 'task' axis.
+
+    Everything the loop does with the run axis goes through here, the same code for one process or several
+    (the collectives are no-ops in one process): place a run-axis pytree (`place`, `place_host`, `place_unpadded`),
+    `replicate` shared values, drop the dummy rows for a checkpoint or a snapshot (`unpad`), read values back to
+    the host on every process (`gather`, `gather_metrics`, `gather_runs`), this process's own rows (`rows`,
+    `local`), agree on a flag (`any`, `all`), and wrap a chunk program with the mesh's shardings.
+    """
+
+    mesh: Mesh
+    num_runs: int
+
+    @classmethod
+    def create(cls, num_runs: int, data_parallel: int = 1) -> "RunAxis":
+        """Every device of every process: 'task' x 'data' (data_parallel devices split each run's batch)."""
+        return cls(make_mesh(data=data_parallel), num_runs)
+
+    @property
+    def padded(self) -> int:
+        """R_pad: the run count padded to a multiple of the 'task' axis."""
+        return padded_size(self.num_runs, self.mesh.shape[TASK])
+
+    @property
+    def per_device(self) -> int:
+        """Padded runs on each device."""
+        return self.padded // self.mesh.shape[TASK]
+
+    @property
+    def multiprocess(self) -> bool:
+        return is_multiprocess()
+
+    @functools.cached_property
+    def rows(self) -> np.ndarray:
+        """The padded run rows whose shards live on this process's devices (sorted)."""
+        return process_run_rows(self.mesh, self.padded)
+
+    # ------------------------------------------------------------------------------------- placing
+
+    def place(self, tree: Any) -> Any:
+        """A run-axis pytree [R, ...] (device arrays, global when several processes) padded to [R_pad, ...] on 'task'."""
+        return pad_runs(tree, self.mesh)[0]
+
+    def place_host(self, tree: Any) -> Any:
+        """The same for numpy leaves [R, ...] every process holds in full (e.g. each run's task row)."""
+        padded, _ = pad_runs(tree, self.mesh.shape[TASK])
+        return put_global(padded, run_sharding(self.mesh))
+
+    def place_unpadded(self, tree: Any) -> Any:
+        """Leaves [R, ...] every process holds in full, sharded as a checkpoint holds them (`unpadded_sharding`)."""
+        return put_global(tree, unpadded_sharding(self.mesh, self.num_runs))
+
+    def replicate(self, tree: Any) -> Any:
+        """A pytree every run shares (frozen WM, device data store) on every device of the mesh."""
+        return put_global(tree, replicated(self.mesh))
+
+    def restore_target(self, tree: Any) -> Any:
+        """Orbax restore target for unpadded run-axis leaves [R, ...] on this mesh (see `restore_target`)."""
+        return restore_target(tree, self.mesh)
+
+    # ------------------------------------------------------------------------------------- reading back
+
+    def unpad(self, tree: Any) -> Any:
+        """New device arrays of the R real rows (a snapshot a donated state cannot change; what checkpoints hold)."""
+        return unpad(tree, self.num_runs, mesh=self.mesh)
+
+    def gather(self, tree: Any) -> Any:
+        """Numpy values of the R real rows of run-axis leaves, on every process (a collective with several)."""
+        return jax.tree_util.tree_map(lambda x: np.asarray(x)[:self.num_runs], host_gather(tree))
+
+    def gather_metrics(self, metrics: dict) -> dict:
+        """Chunk metrics [N, R_pad] -> numpy [N, R] on every process."""
+        return unpad(host_gather(metrics), self.num_runs, axis=1)
+
+    def gather_runs(self, values: np.ndarray, owned: np.ndarray) -> np.ndarray:
+        """Per-run host values [..., R] each process computed for the runs it `owned`: all of them, every process."""
+        return gather_runs(values, owned)
+
+    def local(self, tree: Any, snapshot: Any = None) -> tuple[np.ndarray, Any]:
+        """(real rows r, leaves [len(r), ...]) of a padded run-axis pytree that this process evaluates.
+
+        One process: rows 0..R-1 as an unpadded device snapshot (`snapshot` when given: `unpad(tree)` already
+        taken). Several: this process's rows, copied to the host (a process cannot read the others' shards).
+        """
+        if not self.multiprocess:
+            return np.arange(self.num_runs), self.unpad(tree) if snapshot is None else snapshot
+        rows, local = local_rows(tree)
+        assert np.array_equal(rows, self.rows), (rows, self.rows)
+        return rows, local
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when `flag` is on any (a collective with several processes)."""
+        return self._agree(flag, np.any)
+
+    def all(self, flag: bool) -> bool:
+        """True on every process when `flag` is on all of them (a collective with several processes)."""
+        return self._agree(flag, np.all)
+
+    def _agree(self, flag: bool, how: Callable) -> bool:
+        if not self.multiprocess:
+            return bool(flag)
+        return bool(how(multihost_utils.process_allgather(np.asarray(flag))))
+
+    # ------------------------------------------------------------------------------------- programs
+
+    def constrain(self) -> Callable[[dict], dict] | None:
+        """The batch constraint of a 'data' axis > 1 (None without one): see `constrain_batch`."""
+        return constrain_batch(self.mesh) if self.mesh.shape[DATA] > 1 else None
+
+    def pad_index(self) -> np.ndarray:
+        return pad_index(self.num_runs, self.mesh)
+
+    def shard_chunk(self, chunk_fn: Callable) -> Callable:
+        """`shard_chunk_fn` on this mesh (device-sampled chunks)."""
+        return shard_chunk_fn(chunk_fn, self.mesh)
+
+    def shard_chunk_host(self, chunk_fn: Callable, run_major: bool) -> Callable:
+        """`shard_chunk_fn_host` on this mesh (host-fed chunks)."""
+        return shard_chunk_fn_host(chunk_fn, self.mesh, run_major=run_major)
+
+    def global_batches(self, local: dict, epochs: int) -> dict:
+        """Run-major host batches of this process's rows [N, n, per, ...] -> global arrays [N, R_pad, per, ...]."""
+        bs = NamedSharding(self.mesh, batch_spec())
+        return {k: jax.make_array_from_process_local_data(bs, v, (epochs, self.padded) + v.shape[2:]) for k, v in local.items()}

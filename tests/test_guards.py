@@ -11,7 +11,10 @@ import pytest
 
 from conftest import tiny_config
 from fmbpo_jax import run_config
-from fmbpo_jax import train as train_mod
+from fmbpo_jax import world_model as wm
+from fmbpo_jax.training import feed, program
+from fmbpo_jax.training.lifecycle import TrainingStopped
+from fmbpo_jax.training.trainer import train
 from fmbpo_jax.data.sampler import load_device_data
 
 
@@ -24,10 +27,10 @@ def test_nan_task_is_skipped_and_counted_others_train(tiny_store):
     c = tiny_config(tiny_store)
     spec = run_config.run_spec(c)
     pcfg = run_config.pwm_config(c)
-    state0 = train_mod.init_runs(pcfg, train_mod.run_keys(spec))
+    state0 = program.init_runs(pcfg, program.run_keys(spec))
     snapshot = jax.tree_util.tree_map(jnp.array, state0["actor"])
-    frozen = train_mod.wm.init(pcfg.wm, jax.random.PRNGKey(0))
-    fn = train_mod.make_train_chunk(pcfg, 4, c.alg.batch_size, c.alg.wm_batch_size)
+    frozen = wm.init(pcfg.wm, jax.random.PRNGKey(0))
+    fn = program.make_train_chunk(pcfg, 4, c.alg.batch_size, c.alg.wm_batch_size)
     state, m = fn(state0, frozen, poisoned(tiny_store, spec, 1), jnp.asarray(spec.run_task_pos), jnp.asarray(spec.run_task_ids))
     skips = np.asarray(m["actor_nan_skip"])  # [epochs, runs]
     assert skips[:, 1].tolist() == [1, 1, 1, 1] and skips[:, [0, 2]].sum() == 0
@@ -41,6 +44,6 @@ def test_nan_task_is_skipped_and_counted_others_train(tiny_store):
 def test_consecutive_skips_stop_the_run_naming_task(tiny_store, tmp_path, monkeypatch):
     c = tiny_config(tiny_store, max_nan_skips=3, **{"eval.episodes": 0})
     spec = run_config.run_spec(c)
-    monkeypatch.setattr(train_mod, "open_data", lambda config, spec_, sub, h, **kw: ("device", poisoned(tiny_store, spec, 2)))
-    with pytest.raises(train_mod.TrainingStopped, match=r"walker-stand/seed1: 5 consecutive updates skipped for non-finite actor"):
-        train_mod.train(c, str(tmp_path / "run"), log=lambda s: None)
+    monkeypatch.setattr(feed, "open_data", lambda config, spec_, sub, h, **kw: ("device", poisoned(tiny_store, spec, 2)))
+    with pytest.raises(TrainingStopped, match=r"walker-stand/seed1: 5 consecutive updates skipped for non-finite actor"):
+        train(c, str(tmp_path / "run"), log=lambda s: None)

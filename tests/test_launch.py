@@ -55,7 +55,7 @@ def _runs_of(jobs):
 
     from fmbpo_jax import run_config
     from fmbpo_jax.envs.tasks import MT30_TASKS
-    from fmbpo_jax.train import run_keys
+    from fmbpo_jax.training.program import run_keys
 
     runs, keys, configs = [], [], {}
     for j in jobs:

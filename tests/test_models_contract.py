@@ -9,7 +9,7 @@ import pytest
 
 from fmbpo_jax import actors, critic, mathops, nets, world_model as wm
 from fmbpo_jax.integrators import integrate
-from fmbpo_jax.torch_mapping import (StateDictError, critic_params_from_state_dict,
+from convert_ckpt.torch_mapping import (StateDictError, critic_params_from_state_dict,
                                      state_dict_from_params, wm_params_from_state_dict)
 
 SMALL = dict(obs_dim=12, action_dim=4, latent_dim=32, task_dim=16, num_tasks=3, encoder_units=(64, 64), units=(48, 48))

@@ -57,7 +57,7 @@ def _free_port() -> int:
 
 
 def _read(path: str) -> list[dict]:
-    from fmbpo_jax.train import read_jsonl
+    from fmbpo_jax.training.runlog import read_jsonl
 
     return read_jsonl(path)
 
@@ -146,7 +146,7 @@ def _worker_train(args: dict) -> dict:
                                                num_processes=args["num_processes"], process_id=args["process_id"])
     from conftest import tiny_config
     from fmbpo_jax.data import sampler
-    from fmbpo_jax.train import train
+    from fmbpo_jax.training.trainer import train
 
     gathered = []
     original = sampler.HostSampler.__init__

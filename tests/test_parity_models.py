@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fmbpo_jax import actors, critic, nets, world_model as wm
-from fmbpo_jax.torch_mapping import actor_params_from_state_dict, critic_params_from_state_dict, wm_params_from_state_dict
+from convert_ckpt.torch_mapping import actor_params_from_state_dict, critic_params_from_state_dict, wm_params_from_state_dict
 
 ATOL = 1e-5
 

@@ -338,7 +338,7 @@ def test_planning_evaluation_end_to_end(models):
         assert r.seed == 5 + 3 and r.seed_rule == "distinct" and r.max_steps == 5
         np.testing.assert_array_equal(r.env_seeds, [[episode_seed(8, e) for e in range(E_SLOTS)]] * T)
         assert np.all(np.isfinite(r.returns)) and np.all(r.returns >= 0.0)
-        for t in range(T):  # what train.final_evaluation reads
+        for t in range(T):  # what training.evaluation.Evaluation.final reads
             assert r.returns[t].shape == (E_SLOTS,) and np.isfinite(float(r.returns[t].mean()))
             assert 0.0 <= float(r.successes[t].mean()) <= 1.0
 

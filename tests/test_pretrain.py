@@ -35,7 +35,7 @@ def _same(a, b):
 
 def test_sigterm_then_rerun_resumes_bitwise(tiny_store, tmp_path):
     from fmbpo_jax.pretrain import pretrain_wm
-    from fmbpo_jax.train import Preempted
+    from fmbpo_jax.training.lifecycle import Preempted
 
     full = str(tmp_path / "full")
     pretrain_wm(_pretrain_cfg(tiny_store), full, log=lambda s: None)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fmbpo_jax import pwm
-from fmbpo_jax.torch_mapping import wm_params_from_state_dict
+from convert_ckpt.torch_mapping import wm_params_from_state_dict
 
 ATOL = 1e-5
 

@@ -33,7 +33,7 @@ def two_runs(tiny_store, tmp_path_factory):
     Same shapes in both, so the second run reuses most of the first one's compilations.
     """
     from conftest import tiny_config
-    from fmbpo_jax.train import train
+    from fmbpo_jax.training.trainer import train
 
     root = tmp_path_factory.mktemp("report_runs")
     common = {"behaviour.planning_eval": "plain", "epochs": 10, "chunk_epochs": 5, "log_freq": 5, "eval.freq": 5,

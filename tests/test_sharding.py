@@ -87,7 +87,8 @@ def test_multiprocess_layout_helpers(tiny_store):
     from fmbpo_jax import sharding
     from fmbpo_jax.data.sampler import HostSampler
     from fmbpo_jax.run_config import RunSpec
-    from fmbpo_jax.train import eval_groups, group_bundles, local_host_batches, local_run_layout, per_run_values
+    from fmbpo_jax.training.evaluation import eval_groups, group_bundles, per_run_values
+    from fmbpo_jax.training.feed import local_host_batches, local_run_layout
 
     spec = RunSpec(task_ids=(0, 5, 9), seeds=(1, 2))  # R = 6, T = 3; padded to 8 on 4 shards
     # process 1 of 2 holds padded rows 4..7: runs 4, 5 (seed 1, tasks 1, 2) and two dummy rows
@@ -145,7 +146,7 @@ def test_multiprocess_layout_helpers(tiny_store):
 def test_data_parallel_must_divide_devices(tiny_store, tmp_path):
     from conftest import tiny_config
     from fmbpo_jax.run_config import ConfigError
-    from fmbpo_jax.train import train
+    from fmbpo_jax.training.trainer import train
 
     import jax
 
@@ -165,7 +166,7 @@ def _setup(args: dict):
     from fmbpo_jax import run_config
     from fmbpo_jax import world_model as wm
     from fmbpo_jax.data.sampler import load_device_data
-    from fmbpo_jax.train import init_runs, run_keys
+    from fmbpo_jax.training.program import init_runs, run_keys
 
     jax.config.update("jax_compilation_cache_dir", args["cache"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -209,7 +210,7 @@ def _sharded_chunk(pcfg, config, mesh, spec, state, frozen, data, epochs):
     import numpy as np
 
     from fmbpo_jax import sharding
-    from fmbpo_jax.train import make_train_chunk
+    from fmbpo_jax.training.program import make_train_chunk
 
     R = spec.num_runs
     padded, valid = sharding.pad_runs(state, mesh)
@@ -235,7 +236,7 @@ def _worker_train(args):
     import orbax.checkpoint as ocp
 
     from fmbpo_jax import sharding
-    from fmbpo_jax.train import make_train_chunk
+    from fmbpo_jax.training.program import make_train_chunk
 
     assert jax.device_count() == 8
     config, spec, pcfg, init, frozen, data = _setup(args)
@@ -273,7 +274,7 @@ def _worker_restore(args):
     import orbax.checkpoint as ocp
 
     from fmbpo_jax import sharding
-    from fmbpo_jax.train import make_train_chunk
+    from fmbpo_jax.training.program import make_train_chunk
 
     assert jax.device_count() == 2
     config, spec, pcfg, init, frozen, data = _setup(args)

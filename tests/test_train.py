@@ -9,7 +9,7 @@ from conftest import TINY_TASKS, tiny_config
 from fmbpo_jax import run_config
 from fmbpo_jax.data.sampler import load_device_data
 from fmbpo_jax.envs.tasks import MT30_TASKS
-from fmbpo_jax.train import init_runs, make_train_chunk, run_keys
+from fmbpo_jax.training.program import init_runs, make_train_chunk, run_keys
 from fmbpo_jax import world_model as wm
 
 
@@ -90,7 +90,7 @@ def test_phase_needing_checkpoint_and_dataset_errors(tiny_store):
     c = phase3.get_config()
     with pytest.raises(run_config.ConfigError, match="--config.checkpoint"):
         run_config.validate(c)
-    from fmbpo_jax.train import train
+    from fmbpo_jax.training.trainer import train
 
     c = tiny_config(tiny_store, **{"data.dataset_dir": ""})
     with pytest.raises(run_config.ConfigError, match="convert_ckpt dataset"):
@@ -120,7 +120,8 @@ def test_every_phase_config_resolves():
 
 
 def test_diagnostics_written_every_n_epochs(tiny_store, tmp_path):
-    from fmbpo_jax.train import read_jsonl, train
+    from fmbpo_jax.training.runlog import read_jsonl
+    from fmbpo_jax.training.trainer import train
 
     c = tiny_config(tiny_store, epochs=10, **{"diagnostics.freq": 5, "diagnostics.num_groups": 4, "eval.episodes": 0})
     train(c, str(tmp_path / "run"), log=lambda s: None)
@@ -134,7 +135,8 @@ def test_host_sampler_training_resumes_bitwise(tiny_store, tmp_path):
     """--config.data.sampler=host through the trainer: a run killed after its epoch-5 checkpoint and restarted
     equals an uninterrupted run bitwise (the host stream's chunk i is a pure function of (seed, i), with 2
     gather threads), and the losses are finite."""
-    from fmbpo_jax.train import read_jsonl, train
+    from fmbpo_jax.training.runlog import read_jsonl
+    from fmbpo_jax.training.trainer import train
 
     class Killed(Exception):
         pass
@@ -165,7 +167,9 @@ def test_host_sampler_training_resumes_bitwise(tiny_store, tmp_path):
 def test_out_of_device_memory_names_the_flags_that_shrink_the_step(tiny_store, tmp_path, monkeypatch):
     """XLA's RESOURCE_EXHAUSTED in the training chunk becomes an error naming --config.task_chunk / remat (what a
     48M full-flow x 30-task run on one 80 GB GPU needs, measured: README 'Memory'); other errors pass unchanged."""
-    from fmbpo_jax import train as tr
+    from fmbpo_jax import sharding
+    from fmbpo_jax.training import lifecycle
+    from fmbpo_jax.training.trainer import train
 
     def raising(exc):
         return lambda fn, mesh: (lambda *args: (_ for _ in ()).throw(exc))
@@ -173,22 +177,22 @@ def test_out_of_device_memory_names_the_flags_that_shrink_the_step(tiny_store, t
     config = tiny_config(tiny_store, epochs=4, **{"eval.episodes": 0})  # 3 tasks x 1 seed, task_chunk 0, remat off
     oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 164.02GiB with "
                                      "allocator GPU_0_bfc on device 0. [executable_name='jit_chunk']")
-    monkeypatch.setattr(tr.sharding, "shard_chunk_fn", raising(oom))
-    with pytest.raises(tr.OutOfDeviceMemory) as info:
-        tr.train(config, str(tmp_path / "oom"), log=lambda s: None)
+    monkeypatch.setattr(sharding, "shard_chunk_fn", raising(oom))
+    with pytest.raises(lifecycle.OutOfDeviceMemory) as info:
+        train(config, str(tmp_path / "oom"), log=lambda s: None)
     msg = str(info.value)
     assert "3 of 3 runs" in msg and "--config.task_chunk=1" in msg and "--config.remat=True" in msg and "164.02GiB" in msg
     assert info.value.__cause__ is oom
-    assert isinstance(info.value, tr.TrainingStopped)  # main maps it to exit code 1 with the message
+    assert isinstance(info.value, lifecycle.TrainingStopped)  # main maps it to exit code 1 with the message
 
-    monkeypatch.setattr(tr.sharding, "shard_chunk_fn", raising(ValueError("not a memory problem")))
+    monkeypatch.setattr(sharding, "shard_chunk_fn", raising(ValueError("not a memory problem")))
     with pytest.raises(ValueError, match="not a memory problem"):
-        tr.train(config, str(tmp_path / "other"), log=lambda s: None)
+        train(config, str(tmp_path / "other"), log=lambda s: None)
 
     # a chunked, rematerialised run: halve the chunk, do not suggest remat again
-    advice = tr.out_of_memory_advice(oom, runs=30, task_chunk=10, remat=True)
+    advice = lifecycle.out_of_memory_advice(oom, runs=30, task_chunk=10, remat=True)
     assert "10 of 30 runs" in advice and "--config.task_chunk=5" in advice and "remat=True (" not in advice
-    assert tr.out_of_memory_advice(RuntimeError("INTERNAL: something else"), runs=30, task_chunk=0, remat=False) is None
+    assert lifecycle.out_of_memory_advice(RuntimeError("INTERNAL: something else"), runs=30, task_chunk=0, remat=False) is None
 
 
 def test_deterministic_flag_is_set_before_jax_starts_or_warns(monkeypatch):
@@ -220,7 +224,7 @@ def test_deterministic_flag_is_set_before_jax_starts_or_warns(monkeypatch):
 def test_task_chunk_auto_chooses_the_largest_group_that_fits():
     """--config.task_chunk=-1 on a made-up memory curve (10 GB + 5 GB per run at once, 30 runs): the largest
     divisor of 30 that fits, with the candidates a straight line predicts too big skipped."""
-    from fmbpo_jax.train import choose_task_chunk
+    from fmbpo_jax.training.memory import choose_task_chunk
 
     def pick(budget_gb):
         tried = []
@@ -244,7 +248,7 @@ def test_task_chunk_auto_in_the_trainer_equals_the_explicit_chunk(tiny_store, tm
     gives one run at a time, the same params bitwise as --config.task_chunk=1 (choices: the test above)."""
     from test_main_e2e import final_params
 
-    from fmbpo_jax.train import train
+    from fmbpo_jax.training.trainer import train
 
     common = dict(epochs=5, checkpoint_freq=5, **{"eval.episodes": 0})
     logs = []

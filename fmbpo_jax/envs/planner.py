@@ -19,7 +19,7 @@ Per env and agent step (spec 5.3; TD-MPC2 `tdmpc2.py:_plan`, `config.yaml`):
 
 Everything is pure and jittable: iterations are a `lax.scan`, the horizon is a `lax.scan`, envs are
 vmapped; per-env parameters are chosen by vmapping over the task axis, slots task-major (slot i belongs to
-task row i // episodes), exactly like `train.make_policy_fn`.
+task row i // episodes), exactly like `training.program.make_policy_fn`.
 
     mcfg = MPPIConfig.from_config(config.eval)
     planner = jax.jit(make_planner_fn(pcfg, mcfg, shared_wm=True))
@@ -43,6 +43,7 @@ import numpy as np
 from fmbpo_jax import actors, critic, nets
 from fmbpo_jax import world_model as wm
 from fmbpo_jax.envs.evaluate import EvalResult, episode_seeds
+from fmbpo_jax.envs.pool import EnvPool
 from fmbpo_jax.envs.tasks import MAX_ACTION_DIM, MAX_OBS_DIM, MT30_TASKS
 
 Params = dict[str, Any]
@@ -275,8 +276,6 @@ class PlanningEvaluator:
                  max_steps: int = 500, task_chunk: int = 0, start_method: str = "spawn", pool=None):
         """pool: an existing EnvPool with this slot layout (e.g. the plain evaluator's `ev.pool`) to reuse instead of
         starting workers; it is left open by close()."""
-        from fmbpo_jax.envs.pool import EnvPool
-
         if pcfg.wm.action_dim > MAX_ACTION_DIM:
             raise ValueError(f"world model action_dim={pcfg.wm.action_dim} exceeds the env's {MAX_ACTION_DIM}")
         if pcfg.wm.obs_dim != MAX_OBS_DIM:
@@ -346,33 +345,44 @@ class PlanningEvaluator:
 def planning_evaluation(config, pcfg, spec, bundles: list, state: dict, frozen_wm, *, num_workers: int | None = None,
                         deterministic: bool | None = None, pool=None,
                         log: Callable[[str], None] | None = None) -> list[EvalResult]:
-    """MPPI evaluation of every run: a list over seeds of EvalResult (returns/successes [T, E]).
+    """`evaluate_planning` with its settings from an ml_collections config (config.eval, config.task_chunk).
 
-    bundles[s] = {'actor': [T, ...], 'wm': shared (frozen_wm is not None) or [T, ...]}; the critic rows of seed s
-    are state['critic'][s*T:(s+1)*T] (runs seed-major). Env seed = config.eval.seed + 3 ("distinct" rule); the
-    MPPI noise of seed s comes from fold_in(PRNGKey(config.eval.seed + 3), spec.seeds[s]) and then the step index.
-    num_workers overrides config.eval.workers (0 there = automatic; 0 here = in-process). pool: reuse an EnvPool with
-    the same layout (the trainer's `evaluator.ev.pool`) instead of starting new workers. deterministic: None = the
-    config's optional `eval.mppi_deterministic` (default False: TD-MPC2's score-proportional elite draw).
+    num_workers overrides config.eval.workers (0 there = automatic; 0 here = in-process). deterministic: None = the
+    config's optional `eval.mppi_deterministic` (default False: TD-MPC2's score-proportional elite draw). The
+    trainer calls `evaluate_planning` with the values of its RunPlan.
     """
     ev_cfg = config.eval
-    mcfg = MPPIConfig.from_config(ev_cfg, deterministic)
-    T = spec.num_tasks
-    if len(bundles) != len(spec.seeds):
-        raise ValueError(f"{len(bundles)} bundles for {len(spec.seeds)} seeds")
     if num_workers is None:
         num_workers = int(ev_cfg.workers) or None
-    seed = int(ev_cfg.seed) + PLANNING_SEED_OFFSET
-    base = jax.random.PRNGKey(seed)
     # -1 (auto, sized for the training step) plans every task row at once: planning holds no optimizer state or
     # activations for a backward pass, so it is far below the training step's memory
     task_chunk = max(0, int(config.get("task_chunk", 0) or 0)) if hasattr(config, "get") else 0
+    return evaluate_planning(pcfg, MPPIConfig.from_config(ev_cfg, deterministic), spec, bundles, state["critic"],
+                             frozen_wm is not None, episodes=int(ev_cfg.episodes), max_steps=int(ev_cfg.max_steps),
+                             eval_seed=int(ev_cfg.seed), num_workers=num_workers, task_chunk=task_chunk, pool=pool, log=log)
+
+
+def evaluate_planning(pcfg, mcfg: MPPIConfig, spec, bundles: list, critic_rows, shared_wm: bool, *, episodes: int,
+                      max_steps: int, eval_seed: int, num_workers: int | None = None, task_chunk: int = 0, pool=None,
+                      log: Callable[[str], None] | None = None) -> list[EvalResult]:
+    """MPPI evaluation of every run: a list over seeds of EvalResult (returns/successes [T, E]).
+
+    bundles[s] = {'actor': [T, ...], 'wm': shared (shared_wm) or [T, ...]}; the critic rows of seed s are
+    critic_rows[s*T:(s+1)*T] (runs seed-major). Env seed = eval_seed + 3 ("distinct" rule); the MPPI noise of seed
+    s comes from fold_in(PRNGKey(eval_seed + 3), spec.seeds[s]) and then the step index. num_workers: env worker
+    processes (None = automatic, 0 = in-process). task_chunk: task rows planned at once (0 = all). pool: reuse an
+    EnvPool with the same layout (the trainer's evaluator's pool) instead of starting new workers.
+    """
+    T = spec.num_tasks
+    if len(bundles) != len(spec.seeds):
+        raise ValueError(f"{len(bundles)} bundles for {len(spec.seeds)} seeds")
+    seed = int(eval_seed) + PLANNING_SEED_OFFSET
+    base = jax.random.PRNGKey(seed)
     results = []
-    with PlanningEvaluator(pcfg, mcfg, spec.task_ids, int(ev_cfg.episodes), shared_wm=frozen_wm is not None,
-                           num_workers=num_workers, max_steps=int(ev_cfg.max_steps), task_chunk=task_chunk,
-                           pool=pool) as pev:
+    with PlanningEvaluator(pcfg, mcfg, spec.task_ids, episodes, shared_wm=shared_wm, num_workers=num_workers,
+                           max_steps=max_steps, task_chunk=task_chunk, pool=pool) as pev:
         for s, b in enumerate(bundles):
-            crit = jax.tree_util.tree_map(lambda x: x[s * T:(s + 1) * T], state["critic"])
+            crit = jax.tree_util.tree_map(lambda x: x[s * T:(s + 1) * T], critic_rows)
             bundle = {"actor": b["actor"], "wm": b["wm"], "critic": crit}
             res = pev.run(bundle, seed, jax.random.fold_in(base, int(spec.seeds[s])), tag=("planning", spec.seeds[s]))
             if log is not None:
