@@ -35,7 +35,7 @@ from convert_ckpt.verify import Result
 from fmbpo_jax import nets, presets, pwm
 from fmbpo_jax.actors import ActorConfig
 from fmbpo_jax.critic import CriticConfig
-from fmbpo_jax.torch_mapping import (actor_params_from_state_dict, critic_params_from_state_dict, state_dict_from_params,
+from convert_ckpt.torch_mapping import (actor_params_from_state_dict, critic_params_from_state_dict, state_dict_from_params,
                                      wm_params_from_state_dict)
 from fmbpo_jax.world_model import WMConfig
 

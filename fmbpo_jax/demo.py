@@ -27,7 +27,7 @@ from fmbpo_jax.envs.evaluate import evaluate
 from fmbpo_jax.envs.tasks import MAX_ACTION_DIM, MT30_TASKS
 from fmbpo_jax.pretrain import pretrain_wm
 from fmbpo_jax.run_config import RunPlan
-from fmbpo_jax.training.runlog import format_table
+from fmbpo_jax.textio import rows_table
 from fmbpo_jax.training.trainer import train
 
 
@@ -121,7 +121,7 @@ def run_demo(config, workdir: str, log: Callable[[str], None] = print) -> list[d
     untrained = untrained_returns(os.path.join(workdir, "frozen_wm"))
     rows = [_result_row(task, float(rnd.returns[t].mean()), untrained.get(task, float("nan")), out)
             for t, task in enumerate(tasks)]
-    table = format_table(rows, ["task", "random", "untrained", "frozen_wm", "frozen_wm best", "frozen_wm+planning", "joint", "joint best",
+    table = rows_table(rows, ["task", "random", "untrained", "frozen_wm", "frozen_wm best", "frozen_wm+planning", "joint", "joint best",
                                 "joint+planning"])
     with open(os.path.join(workdir, "demo_results.md"), "w") as f:
         f.write(table + "\n")

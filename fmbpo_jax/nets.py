@@ -2,7 +2,7 @@
 
 Flax linen is only a thin init/apply layer here: parameters are plain nested dicts whose paths mirror the
 PyTorch state_dict keys of the reference (`_encoder.0.weight` <-> `_encoder/0/kernel`, transposed;
-`.ln.weight` <-> `ln/scale`), so `fmbpo_jax.torch_mapping` converts by rule.
+`.ln.weight` <-> `ln/scale`), so `convert_ckpt.torch_mapping` converts by rule.
 """
 from __future__ import annotations
 

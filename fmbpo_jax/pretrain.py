@@ -23,7 +23,7 @@ from fmbpo_jax.run_config import ConfigError, RunPlan
 from fmbpo_jax.training import feed
 from fmbpo_jax.training.lifecycle import Checkpointer, Preempted, SigtermFlag, every, run_chunks
 from fmbpo_jax.training.program import sample_run
-from fmbpo_jax.training.runlog import append_jsonl, read_jsonl, truncate_jsonl
+from fmbpo_jax.textio import append_jsonl, read_jsonl, truncate_jsonl
 
 
 def sample_multitask(data: WindowData, key: jax.Array, batch_size: int, horizon: int) -> dict:

@@ -8,7 +8,7 @@ took. This module changes nothing in the run; before handing over to `fmbpo_jax.
 * prefixes every line written to stdout/stderr with `@<unix time> ` (the summary, launch/e2e_summary.py,
   aligns the parts on these stamps);
 * wraps, where they exist, `Evaluator.run` and `PlanningEvaluator.run` (one evaluation pass over the envs),
-  `fmbpo_jax.train.final_evaluation` and orbax's `CheckpointManager.save` / `wait_until_finished`, printing a
+  `fmbpo_jax.training.evaluation.Evaluation.final` and orbax's `CheckpointManager.save` / `wait_until_finished`, printing a
   `[timing] {json}` line when each starts (`"phase": "start"`) and one when it returns, with its start and end
   time (and the evaluator's own wall/policy/env-CPU split). Anything not found (e.g. renamed by a refactor) is
   reported once and skipped.
@@ -123,7 +123,7 @@ def _step_tag(args: tuple, kwargs: dict) -> Any:
 TARGETS = (
     ("eval_run", "fmbpo_jax.envs.evaluate", "Evaluator.run", _eval_tag),
     ("planning_run", "fmbpo_jax.envs.planner", "PlanningEvaluator.run", _eval_tag),
-    ("final_evaluation", "fmbpo_jax.train", "final_evaluation", None),
+    ("final_evaluation", "fmbpo_jax.training.evaluation", "Evaluation.final", None),
     ("checkpoint_save", "orbax.checkpoint", "CheckpointManager.save", _step_tag),
     ("checkpoint_wait", "orbax.checkpoint", "CheckpointManager.wait_until_finished", None),
 )

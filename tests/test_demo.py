@@ -11,7 +11,8 @@ import signal
 import sys
 
 import pytest
-from test_main_e2e import EXIT_REQUEUE, read_jsonl, start
+from fmbpo_jax.textio import read_jsonl
+from test_main_e2e import EXIT_REQUEUE, start
 
 SHRINK = ["--config.tasks=pendulum-spin,cartpole-swingup", "--config.demo.episodes_per_task=2",
           "--config.demo.episode_length=41", "--config.pretrain.iters=200", "--config.pretrain.best_every=10",

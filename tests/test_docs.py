@@ -78,7 +78,7 @@ def broken_links(path: Path) -> list[str]:
 
 
 def missing_repo_paths(path: Path) -> list[str]:
-    """`code spans` naming a repository path (e.g. `fmbpo_jax/train.py`, `tests/test_x.py::test_y`) that is absent."""
+    """`code spans` naming a repository path (e.g. `fmbpo_jax/pwm.py`, `tests/test_x.py::test_y`) that is absent."""
     text = path.read_text(encoding="utf-8")
     bad = []
     for span in CODE_SPAN.findall(text):

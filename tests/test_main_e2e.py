@@ -5,7 +5,6 @@ with no duplicated log rows.
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import signal
@@ -15,6 +14,8 @@ import time
 
 import numpy as np
 import pytest
+
+from fmbpo_jax.textio import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXIT_REQUEUE = 75
@@ -56,11 +57,6 @@ def final_params(workdir):
 
 def strip_time(rows):
     return [{k: v for k, v in r.items() if k != "total_time"} for r in rows]
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.mark.slow

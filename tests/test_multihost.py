@@ -57,7 +57,7 @@ def _free_port() -> int:
 
 
 def _read(path: str) -> list[dict]:
-    from fmbpo_jax.training.runlog import read_jsonl
+    from fmbpo_jax.textio import read_jsonl
 
     return read_jsonl(path)
 

@@ -120,7 +120,7 @@ def test_every_phase_config_resolves():
 
 
 def test_diagnostics_written_every_n_epochs(tiny_store, tmp_path):
-    from fmbpo_jax.training.runlog import read_jsonl
+    from fmbpo_jax.textio import read_jsonl
     from fmbpo_jax.training.trainer import train
 
     c = tiny_config(tiny_store, epochs=10, **{"diagnostics.freq": 5, "diagnostics.num_groups": 4, "eval.episodes": 0})
@@ -135,7 +135,7 @@ def test_host_sampler_training_resumes_bitwise(tiny_store, tmp_path):
     """--config.data.sampler=host through the trainer: a run killed after its epoch-5 checkpoint and restarted
     equals an uninterrupted run bitwise (the host stream's chunk i is a pure function of (seed, i), with 2
     gather threads), and the losses are finite."""
-    from fmbpo_jax.training.runlog import read_jsonl
+    from fmbpo_jax.textio import read_jsonl
     from fmbpo_jax.training.trainer import train
 
     class Killed(Exception):

@@ -2,7 +2,6 @@
 
     flops.py        the matmul FLOP model of an epoch (plain sizes in), used by the bench and the report
     hlo_flops.py    matmul FLOPs of a compiled XLA program, to check the model against
-    textio.py       JSONL/CSV reading, the Markdown table printer, atomic JSON writing
     bench/          python -m fmbpo_jax.bench        training speed (rows of variants x sizes x tasks x precisions)
     report/         python -m fmbpo_jax.report       tables and figures of trained run directories
     data_bench.py   python -m fmbpo_jax.data.bench   window-sampling speed

@@ -22,7 +22,8 @@ from fmbpo_jax.envs.tasks import MT30_TASKS
 from fmbpo_jax.run_config import RunPlan, RunSpec
 from fmbpo_jax.sharding import RunAxis
 from fmbpo_jax.training import program
-from fmbpo_jax.training.runlog import RunLog, format_table, write_csv
+from fmbpo_jax.textio import rows_table, write_csv
+from fmbpo_jax.training.runlog import RunLog
 
 # per-episode values of one task row -> one number per run
 _MEAN = lambda r, su: r.mean()  # noqa: E731
@@ -137,9 +138,10 @@ def per_run_values(spec: RunSpec, groups: list, results: list, fields: list[Call
 class Evaluation:
     """The trainer's evaluations and the per-run best params (by periodic evaluation return).
 
-    `best` = {'actor', 'return' [R], 'wm' (fine-tuning)}: unpadded runs, checkpointed with the state. `last_epoch`
-    and `history` are the checkpoint's 'last_eval_epoch' and 'evals'. Without episodes (--config.eval.episodes=0)
-    nothing is evaluated and `best` keeps the initial params.
+    `best` = {'actor', 'return' [R], 'wm' (fine-tuning)}: unpadded runs, checkpointed with the state. `last_epoch` is
+    the last evaluation submitted, `recorded_epoch` the last one recorded: a checkpoint holds what was recorded
+    ('last_eval_epoch', 'evals'), so it never waits for the evaluation in flight; a resumed run evaluates that epoch
+    again. Without episodes (--config.eval.episodes=0) nothing is evaluated and `best` keeps the initial params.
     """
 
     def __init__(self, plan: RunPlan, axis: RunAxis, state: dict, eval_wm, runlog: RunLog, on_eval: Callable | None,
@@ -149,7 +151,8 @@ class Evaluation:
         self.eval_wm = eval_wm
         self.finetune = plan.pwm.finetune_wm
         self.groups = eval_groups(plan.spec, axis.rows)
-        self.last_epoch, self.history = -1, []
+        self.last_epoch = self.recorded_epoch = -1
+        self.history = []
         best = {"actor": state["actor"], "return": jnp.full((plan.spec.num_runs,), -jnp.inf, jnp.float32)}
         if self.finetune:
             best["wm"] = state["wm"]
@@ -170,10 +173,12 @@ class Evaluation:
         return EvalThread(evs, self.groups, spec.seeds, plan.eval.seed, plan.eval.background)
 
     def restore(self, best: dict, meta: dict) -> None:
-        self.best, self.last_epoch, self.history = best, meta["last_eval_epoch"], meta["evals"]
+        self.best, self.history = best, meta["evals"]
+        self.last_epoch = self.recorded_epoch = meta["last_eval_epoch"]
 
     def meta(self) -> dict:
-        return {"last_eval_epoch": self.last_epoch, "evals": self.history}
+        """What a checkpoint holds: the evaluations recorded so far (not the one in flight)."""
+        return {"last_eval_epoch": self.recorded_epoch, "evals": list(self.history)}
 
     def _params(self, state: dict, *names: str) -> dict:
         return {k: state[k] for k in ("actor",) + names + (("wm",) if self.finetune else ())}
@@ -205,7 +210,7 @@ class Evaluation:
             self._record(epoch, results, snap)
 
     def wait(self) -> None:
-        """Finish and record the evaluation in flight (before a checkpoint)."""
+        """Finish and record the evaluation in flight (before the final evaluations use the same env workers)."""
         if self.thread is not None:
             self.thread.wait()
             self.collect()
@@ -225,6 +230,7 @@ class Evaluation:
                  "episode_success": float(vals[2, r])} for r in range(spec.num_runs)]
         self.runlog.evals(rows)
         self.history.append({"epoch": epoch, "mean_return": float(returns.mean())})
+        self.recorded_epoch = epoch
         if self.on_eval:
             self.on_eval(rows)
         self.log(f"[eval epoch {epoch}] mean return {returns.mean():.1f} over {spec.num_runs} runs")
@@ -252,7 +258,7 @@ class Evaluation:
             if not self.axis.multiprocess:
                 best = {k: v for k, v in self.best.items() if k != "return"}  # unpadded already
                 self._best_params_scores(rows, self._bundles(best, snapshot=best)[0])
-        table = format_table(rows, list(rows[0]) if rows else [])
+        table = rows_table(rows, list(rows[0]) if rows else [])
         if self.runlog.write:
             write_csv(os.path.join(workdir, "results.csv"), rows)
             with open(os.path.join(workdir, "summary.md"), "w") as f:

@@ -5,47 +5,14 @@ eval row: {'epoch', 'task', 'seed', 'episode_reward', 'episode_reward_std', 'epi
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
-from typing import Callable
 
 import numpy as np
 
 from fmbpo_jax.envs.tasks import MT30_TASKS
 from fmbpo_jax.run_config import RunSpec
-
-
-def truncate_jsonl(path: str, keep: Callable[[dict], bool]) -> None:
-    """Keep only the rows of a JSONL log that `keep` accepts (rows written after the checkpoint a run resumes from)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            if keep(r):
-                f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: str, rows: list[dict]) -> None:
-    """Append rows to a JSONL log, flushed to disk (a kill -9 right after keeps them)."""
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Every row of a JSONL log ([] when there is none)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from fmbpo_jax.textio import append_jsonl, truncate_jsonl
 
 
 class RunLog:
@@ -95,28 +62,6 @@ def metrics_rows(spec: RunSpec, metrics: dict, first_epoch: int, log_freq: int, 
             row.update({k: float(v[i, r]) for k, v in host.items()})
             rows.append(row)
     return rows
-
-
-def format_table(rows: list[dict], cols: list[str]) -> str:
-    """A plain-text table (also valid Markdown)."""
-    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) if rows else len(c) for c in cols]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-    out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line([fmt(r.get(c, "")) for c in cols]) for r in rows]
-    return "\n".join(out)
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    """rows (the first row's keys as the header) to a CSV file, atomically."""
-    if not rows:
-        return
-    cols = list(rows[0])
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(path + ".tmp", path)
 
 
 def eta_string(seconds: float) -> str:

@@ -184,6 +184,7 @@ class Trainer:
             self.evaluation.close()
             self.checkpointer.close()
             raise Preempted(f"SIGTERM: checkpointed at epoch {self.epoch} in {self.workdir}; rerun the same command to resume")
+        self.evaluation.wait()
         results = self.evaluation.final(self.state, self.workdir)
         self.evaluation.close()
         self.checkpointer.close()
@@ -246,8 +247,15 @@ class Trainer:
         return self.axis.any(self.sigterm.flag)
 
     def save(self, epoch: int) -> None:
-        """Checkpoint the R real runs, the best params and the bookkeeping (after the evaluation in flight)."""
-        self.evaluation.wait()
+        """Checkpoint the R real runs, the best params and the bookkeeping of the evaluations recorded so far.
+
+        It does not wait for an evaluation of THIS epoch in flight (at 30 tasks one takes about as long as 500 epochs
+        of phase 3): its result is recorded when it arrives, and a run resumed from this checkpoint evaluates this
+        epoch again. An evaluation of an earlier epoch could not be redone from here, so that one is waited for.
+        """
+        self.evaluation.collect()
+        if self.evaluation.recorded_epoch < self.evaluation.last_epoch < epoch:
+            self.evaluation.wait()
         ev = self.evaluation.meta()
         meta = {"epoch": self.epoch, "last_eval_epoch": ev["last_eval_epoch"], "elapsed": self.elapsed, "evals": ev["evals"]}
         self.checkpointer.save(epoch, {"state": self.axis.unpad(self.state), "best": self.evaluation.best}, meta)

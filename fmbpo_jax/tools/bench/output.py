@@ -1,7 +1,7 @@
 """The bench's results: the JSON file (meta, rows, derived vmap ratios) and the printed table."""
 from __future__ import annotations
 
-from fmbpo_jax.tools.textio import markdown_table, write_json
+from fmbpo_jax.textio import markdown_table, write_json
 
 TABLE_COLS = [
     ("variant", "variant"), ("size", "size"), ("tasks", "T"), ("seeds", "S"), ("precision", "precision"),

@@ -1,6 +1,6 @@
 """One bench row before it runs: its config, FLOPs, jitted program and arguments; lowering and compiling it.
 
-A policy row's program is the trainer's own chunk (``train.make_train_chunk``: ``lax.scan`` over
+A policy row's program is the trainer's own chunk (``training.program.make_train_chunk``: ``lax.scan`` over
 ``--epochs-per-call`` epochs of the vmapped ``pwm.update``, in-program window sampling, state donated) fed by an
 in-memory random ``WindowData`` store; a ``wm-pretrain*`` row's is ``pretrain.make_pretrain_chunk`` (one "epoch" =
 one pretraining iteration). Rows start from one run's params replicated over the runs: speed does not depend on
@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmbpo_jax import pretrain, pwm, run_config, train
+from fmbpo_jax import pretrain, pwm, run_config
 from fmbpo_jax import world_model as wm
 from fmbpo_jax.data.sampler import WindowData
 from fmbpo_jax.envs.tasks import MAX_ACTION_DIM, MAX_OBS_DIM
 from fmbpo_jax.run_config import RunSpec
 from fmbpo_jax.tools import flops as flop_model
+from fmbpo_jax.training import memory, program
 from fmbpo_jax.tools.bench.catalog import CONFIG_PRECISION, PRECISIONS, build_config, is_pretrain
 
 
@@ -101,7 +102,7 @@ def init_state(pcfg, key):
     """pwm.init_state with the (large) WM init jitted and the rest eager.
 
     On the XLA CPU backend of jax 0.10.2 a jitted init of actor + critic (with or without vmap over runs, or with
-    the WM) was seen to hang forever in execution (0% CPU) on a 2-core machine; train.init_runs is eager too.
+    the WM) was seen to hang forever in execution (0% CPU) on a 2-core machine; program.init_runs is eager too.
     """
     w = _jitted_wm_init(pcfg.wm)(jax.random.split(key, 3)[2]) if pcfg.finetune_wm else None
     return pwm.init_state(pcfg, key, w)
@@ -126,13 +127,13 @@ def _pretrain_program(pcfg, epochs_per_call: int, batch_size: int, data):
 def _policy_program(pcfg, config, epochs_per_call: int, spec: RunSpec, chunk: int, data):
     """(jitted chunk, make_args) of a policy row: one run's state replicated over the run axis."""
     runs = spec.num_runs
-    fn = train.make_train_chunk(pcfg, epochs_per_call, config.alg.batch_size, config.alg.wm_batch_size, chunk)
+    fn = program.make_train_chunk(pcfg, epochs_per_call, config.alg.batch_size, config.alg.wm_batch_size, chunk)
     init_wm = _jitted_wm_init(pcfg.wm)
     run_pos = jnp.asarray(spec.run_task_pos, jnp.int32)
     run_task = jnp.asarray(spec.run_task_ids, jnp.int32)
 
     def make_args(abstract: bool):
-        keys = train.run_keys(spec)
+        keys = program.run_keys(spec)
         k = jax.random.PRNGKey(0)
         if abstract:
             one = jax.eval_shape(lambda kk: pwm.init_state(pcfg, kk), k)
@@ -201,5 +202,5 @@ def compile_row(r: Row) -> None:
     r.compiled = r.lowered.compile()
     r.row["compile_s"] = r.row.get("lower_s", 0.0) + time.perf_counter() - t0
     r.lowered = None
-    pb = train.program_bytes(r.compiled)
+    pb = memory.program_bytes(r.compiled)
     r.row["program_mem_gb"] = pb / 2**30 if pb else "n/a"

@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from fmbpo_jax import train
+from fmbpo_jax.training import memory
 from fmbpo_jax.tools.bench.catalog import reference_speed
 from fmbpo_jax.tools.bench.plan import Row
 from fmbpo_jax.tools.bench.profile import profile_call
@@ -69,7 +69,7 @@ def execute_row(r: Row, args, peaks: dict) -> None:
     del state, rest, args_real
     row.update(warmup_s=warm, calls_per_sample=k)
     row.update(speed_fields(r, times, args.epochs_per_call, peaks[r.precision]))
-    ms = train.device_memory_stats()
+    ms = memory.device_memory_stats()
     row["peak_mem_gb"] = ms["peak_bytes_in_use"] / 2**30 if ms and "peak_bytes_in_use" in ms else "n/a"
     if hasattr(os, "getloadavg"):
         row["loadavg_1m_after"] = _loadavg()

@@ -5,7 +5,7 @@ import base64
 import html
 import os
 
-from fmbpo_jax.tools.textio import markdown_table
+from fmbpo_jax.textio import markdown_table
 
 
 def render_md(blocks: list[tuple], out: str) -> str:

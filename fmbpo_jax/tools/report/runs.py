@@ -10,7 +10,7 @@ import os
 from collections import defaultdict
 
 from fmbpo_jax.tools.report.references import cfg_get, config_selectors
-from fmbpo_jax.tools.textio import read_jsonl, read_results_csv
+from fmbpo_jax.textio import read_jsonl, read_results_csv
 
 
 def load_run(workdir: str) -> dict:

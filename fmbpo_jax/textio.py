@@ -1,14 +1,15 @@
-"""Plain-text I/O shared by the tools: JSONL and CSV logs in, Markdown tables and JSON files out.
+"""Plain-text I/O shared by the trainer and the tools: JSONL and CSV logs in and out, Markdown tables, JSON files.
 
-The trainer's logs (metrics.jsonl, eval.jsonl, diagnostics.jsonl, pretrain.jsonl, results.csv) are read here by
-the report; `markdown_table` is the one table printer (the bench's table, the report's tables).
+The trainer writes its logs (metrics.jsonl, eval.jsonl, diagnostics.jsonl, pretrain.jsonl, results.csv) with these
+functions and the report reads them back with these functions; `markdown_table` is the one table printer (the
+trainer's results table, the demo's, the bench's, the report's). No jax here: the report runs without it.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -61,3 +62,42 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: 
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(row) for row in rows])
+
+
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    """Append rows to a JSONL log, flushed to disk (a kill -9 right after keeps them)."""
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_jsonl(path: str, keep: Callable[[dict], bool]) -> None:
+    """Keep only the rows of a JSONL log that `keep` accepts (rows written after the checkpoint a run resumes from)."""
+    if not os.path.exists(path):
+        return
+    rows = read_jsonl(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            if keep(r):
+                f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """rows (the first row's keys as the header) to a CSV file, atomically."""
+    if not rows:
+        return
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def rows_table(rows: list[dict], cols: list[str]) -> str:
+    """`markdown_table` of dict rows: floats with one decimal, missing cells empty (results and demo tables)."""
+    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return markdown_table(cols, [[fmt(r.get(c, "")) for c in cols] for r in rows])
