@@ -174,7 +174,7 @@ def _update_outputs(case: dict, u: int, metrics: dict, rec: dict, state: dict) -
                     ("wm_loss", "dynamics_loss", "reward_loss", "wm_grad_norm")})
     for k in ("obs_buf", "rew_buf", "next_values", "target_values", "done_mask"):
         out[f"{case['name']}/update{u}/{k}"] = rec[k]
-    rms = state["ret_rms"]
+    rms = state.ret_rms
     out.update({f"{case['name']}/update{u}/ret_rms_mean": rms.mean, f"{case['name']}/update{u}/ret_rms_var": rms.var,
                 f"{case['name']}/update{u}/ret_rms_count": rms.count})
     for k, v in state_dict_from_params(rec["actor_grad_clipped"], dtype=None).items():
@@ -185,7 +185,7 @@ def _update_outputs(case: dict, u: int, metrics: dict, rec: dict, state: dict) -
 def _deltas(case: dict, start: dict, state: dict, frozen_wm, used_tasks: np.ndarray) -> dict[str, np.ndarray]:
     """Each parameter's change over all updates, torch names; the WM's task embedding as PyTorch stores it
     (its looked-up rows renormalised in place by nn.Embedding(max_norm=1))."""
-    end = {"actor": state["actor"], "critic": state["critic"], "world_model": state["wm"] if case["finetune"] else frozen_wm}
+    end = {"actor": state.actor, "critic": state.critic, "world_model": state.wm if case["finetune"] else frozen_wm}
     out = {}
     for module, ensemble in (("actor", False), ("critic", True), ("world_model", False)):
         new = state_dict_from_params(end[module], ensemble=ensemble, dtype=None)
@@ -208,9 +208,9 @@ def run_case(gset: GoldenSet, case: dict, dtype: str = "float64", **overrides) -
     with jax.enable_x64(dtype == "float64"), jax.default_matmul_precision("highest"):
         start = _cast(initial_params(gset, case, cfg), jdtype)
         state = _cast(pwm.init_state(cfg, jax.random.key(0), wm_params=start["world_model"]), jdtype)
-        state = dict(state, actor=start["actor"], critic=start["critic"])
-        state["actor_opt"], state["critic_opt"] = pwm._adam(cfg.actor_betas, cfg.adam_eps).init(state["actor"]), \
-            pwm._adam(cfg.critic_betas, cfg.adam_eps).init(state["critic"])
+        state = state.replace(actor=start["actor"], critic=start["critic"],
+                              actor_opt=pwm._adam(cfg.actor_betas, cfg.adam_eps).init(start["actor"]),
+                              critic_opt=pwm._adam(cfg.critic_betas, cfg.adam_eps).init(start["critic"]))
         frozen = None if cfg.finetune_wm else start["world_model"]
         step = jax.jit(lambda s, b, w: pwm.update(cfg, s, b, jax.random.key(0), w, record=True))
         outputs, used = {}, []

@@ -206,12 +206,12 @@ def epoch_diagnostics(cfg: pwm.PWMConfig, state: dict, batch: dict, key: jax.Arr
     wm_grad_norm/<module> of the WM loss gradient.
     """
     k_esnr, k_jac, k_wm = jax.random.split(key, 3)
-    wm_params = state["wm"] if cfg.finetune_wm else frozen_wm
+    wm_params = state.wm if cfg.finetune_wm else frozen_wm
     if wm_params is None:
         raise ValueError("epoch_diagnostics: finetune_wm=False needs frozen_wm")
     task = batch["task"]
     obs0 = batch["obs"][0]
-    g = actor_group_grads(cfg, state["actor"], wm_params, state["critic"], state["ret_rms"], obs0, task, k_esnr, num_groups)
+    g = actor_group_grads(cfg, state.actor, wm_params, state.critic, state.ret_rms, obs0, task, k_esnr, num_groups)
     ratio, db = esnr(g)
     out = {"actor_esnr": ratio, "actor_esnr_db": db}
     mean_grad = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), g)
@@ -219,7 +219,7 @@ def epoch_diagnostics(cfg: pwm.PWMConfig, state: dict, batch: dict, key: jax.Arr
 
     n = min(max_jac_samples, obs0.shape[0])
     z = wm.encode(cfg.wm, wm_params, obs0[:n], task)
-    a = jnp.tanh(actors.action(cfg.actor, state["actor"], z, None, deterministic=True))
+    a = jnp.tanh(actors.action(cfg.actor, state.actor, z, None, deterministic=True))
     if cfg.action_masks and cfg.action_dims:
         a = a * nets.action_mask_table(cfg.action_dims, cfg.wm.action_dim)[task]
     out.update(wm_jacobian_proxies(cfg, wm_params, z, a, task, k_jac, num_probes))

@@ -86,7 +86,7 @@ class Pretrainer:
             self._restore()
 
     def _restore(self) -> None:
-        tree, meta = self.checkpointer.restore({"state": self.state, "best_params": self.state["wm"]})
+        tree, meta = self.checkpointer.restore({"state": self.state, "best_params": self.state.wm})
         self.state, self.done, self.elapsed = tree["state"], int(meta["iter"]), float(meta["elapsed"])
         if meta["best"] is not None:
             self.best, self.best_params = float(meta["best"]), tree["best_params"]
@@ -110,7 +110,7 @@ class Pretrainer:
         if stopped and self.done < p.iters:
             raise Preempted(f"SIGTERM: checkpointed WM pretraining at iter {self.done} in {self.workdir}; "
                             "rerun the same command to resume")
-        save_wm(self.plan.pwm, self.state["wm"], os.path.join(self.workdir, "wm_last"), self.tasks,
+        save_wm(self.plan.pwm, self.state.wm, os.path.join(self.workdir, "wm_last"), self.tasks,
                 {"iter": self.done, "is_best": False})
         return {"best_wm_loss": self.best, "total_iters": self.done, "total_time_sec": time.time() - self.t0,
                 "history": read_jsonl(self.log_path), "best_dir": os.path.join(self.workdir, "wm_best"),
@@ -127,14 +127,14 @@ class Pretrainer:
         append_jsonl(self.log_path, [row])
         if loss < self.best:
             self.best = loss
-            self.best_params = jax.tree_util.tree_map(jnp.array, self.state["wm"])
+            self.best_params = jax.tree_util.tree_map(jnp.array, self.state.wm)
             save_wm(self.plan.pwm, self.best_params, os.path.join(self.workdir, "wm_best"), self.tasks,
                     {"iter": done, "is_best": True, "wm_loss": loss})
         self.log(f"[pretrain {done}/{self.plan.pretrain.iters}] wm_loss {loss:.4f} (best {self.best:.4f})")
         self.done = done
 
     def save(self, done: int) -> None:
-        kept = self.state["wm"] if self.best_params is None else self.best_params
+        kept = self.state.wm if self.best_params is None else self.best_params
         self.checkpointer.save(done, {"state": self.state, "best_params": kept},
                                {"iter": done, "best": None if self.best_params is None else self.best,
                                 "elapsed": time.time() - self.t0})

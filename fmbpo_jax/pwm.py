@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
 from fmbpo_jax import actors, critic, mathops, nets
 from fmbpo_jax import world_model as wm
@@ -357,30 +358,45 @@ def critic_update(cfg: PWMConfig, params: Params, opt_state, states, targets, lr
 # ============================================================================================ state, update
 
 
-def init_state(cfg: PWMConfig, key, wm_params: Params | None = None) -> dict:
-    """Per-task training state: actor/critic params and Adam states, ret_rms, epoch; WM too when fine-tuning.
+@struct.dataclass
+class TrainState:
+    """One run's training state (a pytree; the trainer stacks it on a leading run axis).
+
+    actor / critic: params; actor_opt / critic_opt: their Adam states; ret_rms: the actor loss's return normaliser;
+    epoch: updates done (drives the LR schedule); nan_skips: actor updates skipped for non-finite values.
+    When the WM is fine-tuned: wm and wm_opt; with the reference's never-zeroed task-embedding gradient (B22) also
+    wm_emb_grad [num_tasks, task_dim]. Fields a configuration does not use are None.
+    """
+
+    actor: Params
+    critic: Params
+    actor_opt: Any
+    critic_opt: Any
+    ret_rms: mathops.RunningMeanStd
+    epoch: jax.Array
+    nan_skips: jax.Array
+    wm: Params | None = None
+    wm_opt: Any = None
+    wm_emb_grad: jax.Array | None = None
+
+
+def init_state(cfg: PWMConfig, key, wm_params: Params | None = None) -> TrainState:
+    """Fresh per-task training state; the WM and its Adam state too when fine-tuning.
 
     wm_params: the starting WM when fine-tuning (pretrained or fresh); ignored when the WM is frozen
-    (then it is passed to `update` separately and shared across tasks). With the reference's never-zeroed
-    task-embedding gradient (B22) the state also carries that gradient, 'wm_emb_grad' [num_tasks, task_dim].
+    (then it is passed to `update` separately and shared across tasks).
     """
     k_actor, k_critic, k_wm = jax.random.split(key, 3)
     a = actors.init(cfg.actor, k_actor)
     c = critic.init(cfg.critic, k_critic)
-    state = {
-        "actor": a, "critic": c,
-        "actor_opt": _adam(cfg.actor_betas, cfg.adam_eps).init(a), "critic_opt": _adam(cfg.critic_betas, cfg.adam_eps).init(c),
-        "ret_rms": mathops.rms_init((1,)),
-        "epoch": jnp.zeros((), jnp.int32),
-        "nan_skips": jnp.zeros((), jnp.int32),
-    }
-    if cfg.finetune_wm:
-        w = wm.init(cfg.wm, k_wm) if wm_params is None else wm_params
-        state["wm"] = w
-        state["wm_opt"] = _adam(cfg.wm_betas, cfg.adam_eps).init(w)
-        if cfg.accumulates_emb_grad:
-            state["wm_emb_grad"] = jnp.zeros_like(w["_task_emb"]["weight"])
-    return state
+    state = TrainState(actor=a, critic=c, actor_opt=_adam(cfg.actor_betas, cfg.adam_eps).init(a),
+                       critic_opt=_adam(cfg.critic_betas, cfg.adam_eps).init(c), ret_rms=mathops.rms_init((1,)),
+                       epoch=jnp.zeros((), jnp.int32), nan_skips=jnp.zeros((), jnp.int32))
+    if not cfg.finetune_wm:
+        return state
+    w = wm.init(cfg.wm, k_wm) if wm_params is None else wm_params
+    emb_grad = jnp.zeros_like(w["_task_emb"]["weight"]) if cfg.accumulates_emb_grad else None
+    return state.replace(wm=w, wm_opt=_adam(cfg.wm_betas, cfg.adam_eps).init(w), wm_emb_grad=emb_grad)
 
 
 def wm_update(cfg: PWMConfig, params: Params, opt_state, obs, action, reward, task, key, lr, taus=None, emb_grad=None):
@@ -408,10 +424,10 @@ def wm_update(cfg: PWMConfig, params: Params, opt_state, obs, action, reward, ta
     return params, opt_state, metrics, emb_grad
 
 
-def _wm_phase(cfg: PWMConfig, state: dict, batch: dict, key, lr):
+def _wm_phase(cfg: PWMConfig, state: TrainState, batch: dict, key, lr) -> tuple[TrainState, dict]:
     """The WM step(s) of one epoch: wm_iterations steps on batch['wm'], or (B9) one on the policy batch."""
     task, draws = batch["task"], batch.get("draws", {})
-    emb_grad = state.get("wm_emb_grad")
+    emb_grad = state.wm_emb_grad
     if cfg.wm_updates == "iterations" and "wm" in batch:
         wb = batch["wm"]
 
@@ -422,46 +438,46 @@ def _wm_phase(cfg: PWMConfig, state: dict, batch: dict, key, lr):
             return (p, o, g), m
 
         n = wb["obs"].shape[0]
-        (wp, wo, emb_grad), ms = jax.lax.scan(wm_body, (state["wm"], state["wm_opt"], emb_grad),
+        (wp, wo, emb_grad), ms = jax.lax.scan(wm_body, (state.wm, state.wm_opt, emb_grad),
                                               (wb["obs"], wb["action"], wb["reward"], jax.random.split(key, n)))
         reduce = {"wm_nan_skips": jnp.sum, "wm_grad_norm": lambda v: v[-1]}
         metrics = {k: reduce.get(k, jnp.mean)(v) for k, v in ms.items()}
     else:  # B9: one step on the policy batch
-        wp, wo, metrics, emb_grad = wm_update(cfg, state["wm"], state["wm_opt"], batch["obs"], batch["action"],
+        wp, wo, metrics, emb_grad = wm_update(cfg, state.wm, state.wm_opt, batch["obs"], batch["action"],
                                               batch["reward"], task, key, lr, taus=draws.get("wm_taus"), emb_grad=emb_grad)
-    return wp, wo, emb_grad, metrics
+    return state.replace(wm=wp, wm_opt=wo, wm_emb_grad=emb_grad), metrics
 
 
-def _actor_phase(cfg: PWMConfig, state: dict, wm_params: Params, batch: dict, key, lr):
+def _actor_phase(cfg: PWMConfig, state: TrainState, wm_params: Params, batch: dict, key, lr) -> tuple[TrainState, dict, dict]:
     """The actor step: loss and gradient through the rollout, clip, Adam; NaN steps skipped and counted.
 
-    Returns (state updates, metrics, aux) with aux = the rollout (for the critic) and the clipped gradient.
+    Returns (state, metrics, aux) with aux = the rollout (for the critic) and the clipped gradient.
     The stored log-std is first clamped to its minimum, as the reference's forward does in place (B21).
     """
-    actor_p = actors.project_logstd(cfg.actor, state["actor"])
-    emb = wm_params["_task_emb"]["weight"] if "wm_emb_grad" in state else None
+    actor_p = actors.project_logstd(cfg.actor, state.actor)
+    emb = wm_params["_task_emb"]["weight"] if state.wm_emb_grad is not None else None
 
     def objective(p, table):
         w = wm_params if table is None else dict(wm_params, _task_emb={"weight": table})
-        return actor_loss(cfg, p, w, state["critic"], state["ret_rms"], batch["obs"][0], batch["task"], key,
+        return actor_loss(cfg, p, w, state.critic, state.ret_rms, batch["obs"][0], batch["task"], key,
                           eps=batch.get("draws", {}).get("actor_eps"))
 
     (loss, aux), (grads, emb_g) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(actor_p, emb)
     ok = all_finite(grads) & jnp.isfinite(loss)
-    new_actor, new_opt, norm = adam_step(actor_p, state["actor_opt"], grads, lr, cfg.actor_betas, cfg.actor_grad_clip,
+    new_actor, new_opt, norm = adam_step(actor_p, state.actor_opt, grads, lr, cfg.actor_betas, cfg.actor_grad_clip,
                                          cfg.adam_eps)
     if cfg.logstd_clamp == "stored":
         new_actor = actors.project_logstd(cfg.actor, new_actor)
-    new_actor, new_opt, rms = _keep_if(ok, (new_actor, new_opt, aux["rms"]), (actor_p, state["actor_opt"], state["ret_rms"]))
-    out = {"actor": new_actor, "actor_opt": new_opt, "ret_rms": rms, "nan_skips": state["nan_skips"] + (~ok).astype(jnp.int32)}
+    new_actor, new_opt, rms = _keep_if(ok, (new_actor, new_opt, aux["rms"]), (actor_p, state.actor_opt, state.ret_rms))
+    state = state.replace(actor=new_actor, actor_opt=new_opt, ret_rms=rms, nan_skips=state.nan_skips + (~ok).astype(jnp.int32))
     if emb is not None:  # the actor's backward adds to the never-zeroed embedding gradient (B22)
-        out["wm_emb_grad"] = state["wm_emb_grad"] + emb_g
+        state = state.replace(wm_emb_grad=state.wm_emb_grad + emb_g)
     stddev_clamped = cfg.logstd_clamp == "stored" or cfg.actor.kind == "flow"
     metrics = {"actor_loss": loss, "actor_grad_norm": norm, "actor_nan_skip": (~ok).astype(jnp.int32),
                "actor_stddev": actors.stddev(cfg.actor, new_actor, clamped=stddev_clamped),
                "imagined_return": aux["imagined_return"]}
     aux = dict(aux, actor_grad_clipped=clip_by_norm(grads, cfg.actor_grad_clip)[0])
-    return out, metrics, aux
+    return state, metrics, aux
 
 
 def _critic_targets(cfg: PWMConfig, rewards, next_values):
@@ -473,7 +489,7 @@ def _critic_targets(cfg: PWMConfig, rewards, next_values):
     return td_targets(rewards, next_values, done, cfg.gamma, cfg.lam, "td-lambda"), done
 
 
-def update(cfg: PWMConfig, state: dict, batch: dict, key, frozen_wm: Params | None = None, record: bool = False):
+def update(cfg: PWMConfig, state: TrainState, batch: dict, key, frozen_wm: Params | None = None, record: bool = False):
     """One epoch for one task: WM step(s) if fine-tuning, actor step, critic steps. Pure and jittable.
 
     batch: obs [H+1, B, O], action [H, B, A], reward [H, B], task (int32 scalar, or [B] ids); optionally 'wm'
@@ -483,28 +499,23 @@ def update(cfg: PWMConfig, state: dict, batch: dict, key, frozen_wm: Params | No
     targets and the clipped actor gradient, for parity checks. Returns (state, metrics[, record]).
     """
     k_wm, k_actor, k_critic = jax.random.split(key, 3)
-    epoch = state["epoch"]
-    lr_a, lr_c, lr_w = (learning_rate(lr0, epoch, cfg.max_epochs, cfg.lr_schedule)
+    lr_a, lr_c, lr_w = (learning_rate(lr0, state.epoch, cfg.max_epochs, cfg.lr_schedule)
                         for lr0 in (cfg.actor_lr, cfg.critic_lr, cfg.model_lr))
-    state, metrics = dict(state), {}
+    metrics = {}
     if cfg.finetune_wm:
-        state["wm"], state["wm_opt"], emb_grad, wm_metrics = _wm_phase(cfg, state, batch, k_wm, lr_w)
-        if emb_grad is not None:
-            state["wm_emb_grad"] = emb_grad
+        state, wm_metrics = _wm_phase(cfg, state, batch, k_wm, lr_w)
         metrics.update(wm_metrics, lr_wm=lr_w)
-        wm_params = state["wm"]
+        wm_params = state.wm
     elif frozen_wm is None:
         raise ValueError("update: the WM is frozen (finetune_wm=False) but no frozen_wm params were given")
     else:
         wm_params = frozen_wm
 
     k_act, k_perm = jax.random.split(k_actor)
-    actor_out, actor_metrics, aux = _actor_phase(cfg, state, wm_params, batch, k_act, lr_a)
-    state.update(actor_out)
+    state, actor_metrics, aux = _actor_phase(cfg, state, wm_params, batch, k_act, lr_a)
     targets, done = _critic_targets(cfg, aux["rewards"], aux["next_values"])
-    state["critic"], state["critic_opt"], c_metrics = critic_update(cfg, state["critic"], state["critic_opt"], aux["states"],
-                                                                    targets, lr_c, k_perm)
-    state["epoch"] = epoch + 1
+    c_params, c_opt, c_metrics = critic_update(cfg, state.critic, state.critic_opt, aux["states"], targets, lr_c, k_perm)
+    state = state.replace(critic=c_params, critic_opt=c_opt, epoch=state.epoch + 1)
     metrics.update(actor_metrics, lr_actor=lr_a, lr_critic=lr_c, **c_metrics)
     if not record:
         return state, metrics
@@ -516,16 +527,25 @@ def update(cfg: PWMConfig, state: dict, batch: dict, key, frozen_wm: Params | No
 # ========================================================================================= WM pretraining
 
 
-def wm_pretrain_init(cfg: PWMConfig, key, wm_params: Params | None = None) -> dict:
+@struct.dataclass
+class PretrainState:
+    """WM pretraining state (phase 8): the WM, its Adam state and the steps done."""
+
+    wm: Params
+    wm_opt: Any
+    step: jax.Array
+
+
+def wm_pretrain_init(cfg: PWMConfig, key, wm_params: Params | None = None) -> PretrainState:
     w = wm.init(cfg.wm, key) if wm_params is None else wm_params
-    return {"wm": w, "wm_opt": _adam(cfg.wm_betas, cfg.adam_eps).init(w), "step": jnp.zeros((), jnp.int32)}
+    return PretrainState(wm=w, wm_opt=_adam(cfg.wm_betas, cfg.adam_eps).init(w), step=jnp.zeros((), jnp.int32))
 
 
-def wm_pretrain_step(cfg: PWMConfig, state: dict, batch: dict, key):
+def wm_pretrain_step(cfg: PWMConfig, state: PretrainState, batch: dict, key) -> tuple[PretrainState, dict]:
     """Phase 8: one WM step on a multitask batch (task ids per sequence, batch['task'] [B]) at a constant lr.
 
     The reference never decays this lr (update_lrs is not called in pretraining).
     """
-    p, o, m, _ = wm_update(cfg, state["wm"], state["wm_opt"], batch["obs"], batch["action"], batch["reward"], batch["task"],
+    p, o, m, _ = wm_update(cfg, state.wm, state.wm_opt, batch["obs"], batch["action"], batch["reward"], batch["task"],
                            key, jnp.asarray(cfg.model_lr, mathops.default_float()))
-    return {"wm": p, "wm_opt": o, "step": state["step"] + 1}, m
+    return PretrainState(wm=p, wm_opt=o, step=state.step + 1), m

@@ -177,7 +177,7 @@ def tiny():
 
 def test_wm_jacobian_proxies_on_a_real_flow_world_model(tiny):
     cfg, state, batch = tiny
-    params = state["wm"]
+    params = state.wm
 
     @fjit
     def both(k):
@@ -195,16 +195,16 @@ def test_wm_jacobian_proxies_on_a_real_flow_world_model(tiny):
 
 def test_actor_grad_esnr_and_group_gradients_average_to_the_batch_gradient(tiny):
     cfg, state, batch = tiny
-    obs0, wm_params = batch["obs"][0], state["wm"]
+    obs0, wm_params = batch["obs"][0], state.wm
     # a deterministic actor (noise scale e^-60): the group gradients must average to the full-batch gradient
-    det = dict(state["actor"], logstd=jnp.full_like(state["actor"]["logstd"], -60.0))
+    det = dict(state.actor, logstd=jnp.full_like(state.actor["logstd"], -60.0))
 
     @fjit
     def run(key):
-        esnr = dg.actor_grad_esnr(cfg, state["actor"], wm_params, state["critic"], state["ret_rms"], obs0, 1, key, 8)
-        g = dg.actor_group_grads(cfg, det, wm_params, state["critic"], state["ret_rms"], obs0, 1, key, 4)
-        full = jax.grad(lambda p: pwm.actor_loss(dataclasses.replace(cfg, ret_rms=False), p, wm_params, state["critic"],
-                                                  state["ret_rms"], obs0, 1, key)[0])(det)
+        esnr = dg.actor_grad_esnr(cfg, state.actor, wm_params, state.critic, state.ret_rms, obs0, 1, key, 8)
+        g = dg.actor_group_grads(cfg, det, wm_params, state.critic, state.ret_rms, obs0, 1, key, 4)
+        full = jax.grad(lambda p: pwm.actor_loss(dataclasses.replace(cfg, ret_rms=False), p, wm_params, state.critic,
+                                                  state.ret_rms, obs0, 1, key)[0])(det)
         return esnr, jax.tree_util.tree_map(lambda x: x.mean(0), g), full
 
     (ratio, db), mean_g, full = run(jax.random.PRNGKey(2))

@@ -28,17 +28,17 @@ def test_nan_task_is_skipped_and_counted_others_train(tiny_store):
     spec = run_config.run_spec(c)
     pcfg = run_config.pwm_config(c)
     state0 = program.init_runs(pcfg, program.run_keys(spec))
-    snapshot = jax.tree_util.tree_map(jnp.array, state0["actor"])
+    snapshot = jax.tree_util.tree_map(jnp.array, state0.train.actor)
     frozen = wm.init(pcfg.wm, jax.random.PRNGKey(0))
     fn = program.make_train_chunk(pcfg, 4, c.alg.batch_size, c.alg.wm_batch_size)
     state, m = fn(state0, frozen, poisoned(tiny_store, spec, 1), jnp.asarray(spec.run_task_pos), jnp.asarray(spec.run_task_ids))
     skips = np.asarray(m["actor_nan_skip"])  # [epochs, runs]
     assert skips[:, 1].tolist() == [1, 1, 1, 1] and skips[:, [0, 2]].sum() == 0
-    assert np.asarray(state["nan_streak"]).tolist() == [0, 4, 0]
-    for a, b in zip(jax.tree_util.tree_leaves(snapshot), jax.tree_util.tree_leaves(state["actor"])):
+    assert np.asarray(state.nan_streak).tolist() == [0, 4, 0]
+    for a, b in zip(jax.tree_util.tree_leaves(snapshot), jax.tree_util.tree_leaves(state.train.actor)):
         np.testing.assert_array_equal(a[1], b[1])  # the poisoned run's actor is untouched
         assert np.all(np.isfinite(b))
-    assert not np.allclose(jax.tree_util.tree_leaves(snapshot)[1][0], jax.tree_util.tree_leaves(state["actor"])[1][0])
+    assert not np.allclose(jax.tree_util.tree_leaves(snapshot)[1][0], jax.tree_util.tree_leaves(state.train.actor)[1][0])
 
 
 def test_consecutive_skips_stop_the_run_naming_task(tiny_store, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from fmbpo_jax.envs.planner import (
     mask_table,
     mppi,
     plan,
-    planning_evaluation,
+    evaluate_planning,
     policy_prior,
     shift_mean,
     trajectory_values,
@@ -328,7 +328,9 @@ def test_planning_evaluation_end_to_end(models):
     actor_r, critic_r = models["actor_runs"], models["critic_runs"]
     bundles = [{"actor": jax.tree_util.tree_map(lambda x: x[s * T:(s + 1) * T], actor_r), "wm": models["wm_stacked"]}
                for s in range(len(spec.seeds))]
-    res = planning_evaluation(cfg, pc, spec, bundles, {"critic": critic_r}, None, num_workers=0)
+    ev = cfg.eval
+    res = evaluate_planning(pc, MPPIConfig.from_config(ev), spec, bundles, critic_r, False, episodes=ev.episodes,
+                            max_steps=ev.max_steps, eval_seed=ev.seed, num_workers=0, task_chunk=cfg.task_chunk)
     assert isinstance(res, list) and len(res) == 2
     assert not np.array_equal(res[0].returns, res[1].returns)  # seed s plans with its own actor/critic rows
     for r in res:

@@ -130,13 +130,13 @@ def test_task_embedding_training_switch_and_wm_iterations():
         cfg = tiny_cfg("fixed", finetune_wm=True, train_task_emb=train_emb, wm_updates="iterations")
         st = pwm.init_state(cfg, jax.random.key(0))
         new, m = jit_update(cfg, st, random_batch(jax.random.key(1), n_wm=cfg.wm_iterations), jax.random.key(2))
-        changed = not np.allclose(new["wm"]["_task_emb"]["weight"], st["wm"]["_task_emb"]["weight"])
+        changed = not np.allclose(new.wm["_task_emb"]["weight"], st.wm["_task_emb"]["weight"])
         assert changed == train_emb
-        assert int(new["wm_opt"].count) == cfg.wm_iterations  # wm_iterations Adam steps
+        assert int(new.wm_opt.count) == cfg.wm_iterations  # wm_iterations Adam steps
     cfg = tiny_cfg("reference", finetune_wm=True)
     st = pwm.init_state(cfg, jax.random.key(0))
     new, _ = jit_update(cfg, st, random_batch(jax.random.key(1)), jax.random.key(2))
-    assert int(new["wm_opt"].count) == 1  # B9: one step on the policy batch
+    assert int(new.wm_opt.count) == 1  # B9: one step on the policy batch
 
 
 def test_critic_target_and_minibatch_switches():
@@ -176,9 +176,9 @@ def test_nan_batch_skips_actor_update_and_counts():
     b = random_batch(jax.random.key(1))
     b["obs"] = b["obs"].at[0, 0, 0].set(jnp.nan)
     new, m = jit_update(cfg, st, b, jax.random.key(2), frozen_wm=w)
-    assert int(m["actor_nan_skip"]) == 1 and int(new["nan_skips"]) == 1
-    jax.tree_util.tree_map(np.testing.assert_array_equal, new["actor"], st["actor"])
-    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(new["critic"]))
+    assert int(m["actor_nan_skip"]) == 1 and int(new.nan_skips) == 1
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new.actor, st.actor)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(new.critic))
 
 
 def test_update_is_pure_jittable_and_compiles_once():
@@ -192,7 +192,7 @@ def test_update_is_pure_jittable_and_compiles_once():
     st = pwm.init_state(cfg, jax.random.key(0))
     for i in range(3):
         st, m = step(st, random_batch(jax.random.key(i), n_wm=cfg.wm_iterations), jax.random.key(10 + i))
-    assert int(st["epoch"]) == 3
+    assert int(st.epoch) == 3
     for k in ("actor_loss", "value_loss", "actor_grad_norm", "critic_grad_norm", "actor_stddev", "wm_loss", "dynamics_loss",
               "reward_loss", "wm_grad_norm", "lr_actor", "lr_critic", "lr_wm"):
         assert np.isfinite(float(m[k])), k

@@ -72,8 +72,8 @@ def true_return(cfg, state, key):
     s = jax.random.normal(key, (256, O))
     total = 0.0
     for t in range(10):  # host loop outside jit: a test harness, not the training program
-        z = wm.encode(cfg.wm, state["wm"], s, 0)
-        a = jnp.tanh(actors.action(cfg.actor, state["actor"], z, None, deterministic=True))
+        z = wm.encode(cfg.wm, state.wm, s, 0)
+        a = jnp.tanh(actors.action(cfg.actor, state.actor, z, None, deterministic=True))
         s, r = true_step(s, a)
         total += float(jnp.mean(r)) * cfg.gamma**t
     return total
@@ -94,8 +94,8 @@ def test_joint_training_learns_on_linear_system():
     assert after > before + 0.3 and after > 1.5 * before, (before, after)  # measured: 0.45 -> 0.88
     # the fixed reward head learns the reward: predictions track the true rewards
     b = sample_batch(jax.random.key(3))
-    z = wm.encode(cfg.wm, state["wm"], b["obs"][:-1], 0)
-    pred = wm.reward_value(cfg.wm, wm.reward_logits(cfg.wm, state["wm"], z, b["action"], 0), True)[..., 0]
+    z = wm.encode(cfg.wm, state.wm, b["obs"][:-1], 0)
+    pred = wm.reward_value(cfg.wm, wm.reward_logits(cfg.wm, state.wm, z, b["action"], 0), True)[..., 0]
     assert np.corrcoef(np.ravel(pred), np.ravel(b["reward"]))[0, 1] > 0.9
 
 
@@ -104,8 +104,8 @@ def test_reference_reward_loss_keeps_reward_head_at_zero():
     cfg = make_cfg("reference")
     state, m = train(cfg, 60, jax.random.key(0))
     b = sample_batch(jax.random.key(3))
-    z = wm.encode(cfg.wm, state["wm"], b["obs"][:-1], 0)
-    logits = wm.reward_logits(cfg.wm, state["wm"], z, b["action"], 0)
+    z = wm.encode(cfg.wm, state.wm, b["obs"][:-1], 0)
+    logits = wm.reward_logits(cfg.wm, state.wm, z, b["action"], 0)
     # for every input all logits are identical: the softmax is uniform and the predicted reward is 0 (B1)
     assert float(jnp.max(jnp.max(logits, -1) - jnp.min(logits, -1))) == 0.0
     np.testing.assert_allclose(wm.reward_value(cfg.wm, logits, False), 0.0, atol=1e-6)

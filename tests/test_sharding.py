@@ -200,8 +200,8 @@ def _assert_same(ref_state, ref_metrics, state, metrics, what: str):
     # ~lr*sign(g) (lr 5e-4), so an entry whose gradient is ~0 can turn that noise into a visible step: as in
     # test_train.py, at most 1 in 10^3 entries may differ by more than 1e-6, and none by more than lr / 10.
     assert np.mean(err > 1e-6) < 1e-3 and err.max() < 5e-5, (what, err.max(), np.mean(err > 1e-6))
-    np.testing.assert_array_equal(np.asarray(ref_state["epoch"]), np.asarray(state["epoch"]))
-    np.testing.assert_array_equal(np.asarray(ref_state["key"]), np.asarray(state["key"]))
+    np.testing.assert_array_equal(np.asarray(ref_state.train.epoch), np.asarray(state.train.epoch))
+    np.testing.assert_array_equal(np.asarray(ref_state.key), np.asarray(state.key))
 
 
 def _sharded_chunk(pcfg, config, mesh, spec, state, frozen, data, epochs):
@@ -224,8 +224,8 @@ def _sharded_chunk(pcfg, config, mesh, spec, state, frozen, data, epochs):
                                                   constrain=constrain), mesh)
     hlo = fn.lower(padded, frozen, data, pos, task).compile().as_text()
     out, metrics = fn(padded, frozen, data, pos, task)
-    assert out["epoch"].sharding.spec == sharding.runs_spec() and metrics["actor_loss"].sharding.spec == sharding.metrics_spec()
-    assert len(out["epoch"].sharding.device_set) == mesh.size
+    assert out.train.epoch.sharding.spec == sharding.runs_spec() and metrics["actor_loss"].sharding.spec == sharding.metrics_spec()
+    assert len(out.train.epoch.sharding.device_set) == mesh.size
     metrics = sharding.unpad(jax.device_get(metrics), R, axis=1)
     return sharding.unpad(out, R, mesh=mesh), metrics, valid, "all-reduce" in hlo
 
@@ -255,7 +255,7 @@ def _worker_train(args):
         valids[name] = valid.tolist()
         reduces[name] = all_reduce
         if name == "8x1":  # checkpoint the unpadded state as written on 8 devices
-            result["ckpt_shards_8x1"] = int(state["epoch"].addressable_shards[0].data.shape[0])
+            result["ckpt_shards_8x1"] = int(state.train.epoch.addressable_shards[0].data.shape[0])
             mngr = ocp.CheckpointManager(args["ckpt"], options=ocp.CheckpointManagerOptions(create=True))
             mngr.save(EPOCHS, args=ocp.args.Composite(train=ocp.args.StandardSave({"state": state})), force=True)
             mngr.wait_until_finished()
@@ -287,8 +287,8 @@ def _worker_restore(args):
     saved = np.load(os.path.join(os.path.dirname(args["ckpt"]), "saved.npz"))
     equal = all(np.array_equal(np.asarray(v), saved[jax.tree_util.keystr(p)])
                 for p, v in jax.tree_util.tree_leaves_with_path(restored))
-    shards = int(restored["epoch"].addressable_shards[0].data.shape[0])
-    assert restored["epoch"].sharding.spec == sharding.runs_spec() and len(restored["epoch"].sharding.device_set) == 2
+    shards = int(restored.train.epoch.addressable_shards[0].data.shape[0])
+    assert restored.train.epoch.sharding.spec == sharding.runs_spec() and len(restored.train.epoch.sharding.device_set) == 2
 
     host = jax.device_get(restored)
     ref_state, ref_metrics = make_train_chunk(pcfg, EPOCHS, config.alg.batch_size, config.alg.wm_batch_size)(
@@ -296,7 +296,7 @@ def _worker_restore(args):
         jax.numpy.asarray(spec.run_task_ids))
     state, metrics, _, _ = _sharded_chunk(pcfg, config, mesh, spec, restored, frozen, data, EPOCHS)
     _assert_same(jax.device_get(ref_state), jax.device_get(ref_metrics), jax.device_get(state), metrics, "restored on 2")
-    assert int(np.asarray(state["epoch"])[0]) == 2 * EPOCHS
+    assert int(np.asarray(state.train.epoch)[0]) == 2 * EPOCHS
     return {"devices": jax.device_count(), "restored_equal": bool(equal), "shards": shards, "continued_equal": True}
 
 

@@ -50,8 +50,8 @@ def test_vmapped_equals_looped(tiny_store, finetune):
             # in the seed and in ulp-level changes of any op); the typical epoch must still agree to 1e-5.
             rel = np.abs(m_alone[k][:, 0] - metrics[k][:, r]) / np.maximum(np.abs(metrics[k][:, r]), 1e-6)
             assert np.median(rel) < 1e-5 and rel.max() < 1e-4, (k, rel)
-        a = np.concatenate([np.ravel(x[0]) for x in jax.tree_util.tree_leaves([alone[k] for k in keys])])
-        b = np.concatenate([np.ravel(x[r]) for x in jax.tree_util.tree_leaves([state[k] for k in keys])])
+        a = np.concatenate([np.ravel(x[0]) for x in jax.tree_util.tree_leaves([getattr(alone.train, k) for k in keys])])
+        b = np.concatenate([np.ravel(x[r]) for x in jax.tree_util.tree_leaves([getattr(state.train, k) for k in keys])])
         err = np.abs(a - b)
         # Batched and unbatched matmuls round differently (~1e-7). Adam's first steps are ~lr*sign(g), so an entry
         # whose gradient is ~0 can turn that noise into a visible step: allow 1 in 10^3 entries up to lr/10 = 5e-5.
@@ -62,8 +62,8 @@ def test_task_chunked_equals_vmapped(tiny_store):
     _, s1, m1 = _train({}, tiny_store, TINY_TASKS, [1, 2], epochs=3)
     _, s2, m2 = _train({"task_chunk": 2}, tiny_store, TINY_TASKS, [1, 2], epochs=3)
     np.testing.assert_allclose(m1["actor_loss"], m2["actor_loss"], atol=1e-6, rtol=1e-5)
-    a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s1["critic"])])
-    b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s2["critic"])])
+    a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s1.train.critic)])
+    b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(s2.train.critic)])
     assert np.mean(np.abs(a - b) > 1e-6) < 1e-3 and np.abs(a - b).max() < 5e-5
 
 

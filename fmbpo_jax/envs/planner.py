@@ -342,26 +342,6 @@ class PlanningEvaluator:
         self.close()
 
 
-def planning_evaluation(config, pcfg, spec, bundles: list, state: dict, frozen_wm, *, num_workers: int | None = None,
-                        deterministic: bool | None = None, pool=None,
-                        log: Callable[[str], None] | None = None) -> list[EvalResult]:
-    """`evaluate_planning` with its settings from an ml_collections config (config.eval, config.task_chunk).
-
-    num_workers overrides config.eval.workers (0 there = automatic; 0 here = in-process). deterministic: None = the
-    config's optional `eval.mppi_deterministic` (default False: TD-MPC2's score-proportional elite draw). The
-    trainer calls `evaluate_planning` with the values of its RunPlan.
-    """
-    ev_cfg = config.eval
-    if num_workers is None:
-        num_workers = int(ev_cfg.workers) or None
-    # -1 (auto, sized for the training step) plans every task row at once: planning holds no optimizer state or
-    # activations for a backward pass, so it is far below the training step's memory
-    task_chunk = max(0, int(config.get("task_chunk", 0) or 0)) if hasattr(config, "get") else 0
-    return evaluate_planning(pcfg, MPPIConfig.from_config(ev_cfg, deterministic), spec, bundles, state["critic"],
-                             frozen_wm is not None, episodes=int(ev_cfg.episodes), max_steps=int(ev_cfg.max_steps),
-                             eval_seed=int(ev_cfg.seed), num_workers=num_workers, task_chunk=task_chunk, pool=pool, log=log)
-
-
 def evaluate_planning(pcfg, mcfg: MPPIConfig, spec, bundles: list, critic_rows, shared_wm: bool, *, episodes: int,
                       max_steps: int, eval_seed: int, num_workers: int | None = None, task_chunk: int = 0, pool=None,
                       log: Callable[[str], None] | None = None) -> list[EvalResult]:

@@ -153,9 +153,9 @@ class Evaluation:
         self.groups = eval_groups(plan.spec, axis.rows)
         self.last_epoch = self.recorded_epoch = -1
         self.history = []
-        best = {"actor": state["actor"], "return": jnp.full((plan.spec.num_runs,), -jnp.inf, jnp.float32)}
+        best = {"actor": state.train.actor, "return": jnp.full((plan.spec.num_runs,), -jnp.inf, jnp.float32)}
         if self.finetune:
-            best["wm"] = state["wm"]
+            best["wm"] = state.train.wm
         self.best = axis.place_unpadded(jax.tree_util.tree_map(jnp.array, best))  # own buffers: the state is donated
         self.thread: EvalThread | None = None
 
@@ -181,7 +181,7 @@ class Evaluation:
         return {"last_eval_epoch": self.recorded_epoch, "evals": list(self.history)}
 
     def _params(self, state: dict, *names: str) -> dict:
-        return {k: state[k] for k in ("actor",) + names + (("wm",) if self.finetune else ())}
+        return {k: getattr(state.train, k) for k in ("actor",) + names + (("wm",) if self.finetune else ())}
 
     def _bundles(self, params: dict, snapshot=None) -> tuple[list[dict], list]:
         rows, local = self.axis.local(params, snapshot)

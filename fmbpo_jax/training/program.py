@@ -1,6 +1,6 @@
 """The jittable training program: every (seed, task) run of a phase in one compiled call.
 
-Per-run state (actor, critic, their Adam states, ret_rms, epoch, PRNG key; the WM too when fine-tuned) is
+Per-run state (`RunState`: pwm's TrainState, the run's PRNG key and NaN streak) is
 stacked on a leading run axis R = seeds x tasks. One jitted call trains `num_epochs` epochs: `lax.scan` over
 epochs of `vmap(pwm.update)` over runs (or `lax.map` in groups of `task_chunk` runs when memory binds), batches
 sampled inside the program from the device-resident store (`make_train_chunk`) or fed from the host prefetcher
@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from fmbpo_jax import actors, diagnostics, nets, pwm, sharding
 from fmbpo_jax import world_model as wm
@@ -29,17 +30,24 @@ def run_keys(spec: RunSpec) -> jax.Array:
     return jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), t) for s, t in zip(spec.run_seeds, spec.run_task_ids)])
 
 
-def init_runs(cfg: pwm.PWMConfig, keys: jax.Array, wm_params: Params | None = None) -> dict:
+@struct.dataclass
+class RunState:
+    """One run in the trainer (stacked on a leading run axis R): the algorithm's state, the run's own PRNG stream,
+    and how many updates in a row it skipped for non-finite values (the trainer stops at max_nan_skips)."""
+
+    train: pwm.TrainState
+    key: jax.Array
+    nan_streak: jax.Array
+
+
+def init_runs(cfg: pwm.PWMConfig, keys: jax.Array, wm_params: Params | None = None) -> RunState:
     """Stacked per-run training state [R, ...] from raw keys [R, 2].
 
     wm_params: pretrained WM copied into every run when fine-tuning (None: a fresh WM per run).
     """
     def one(k):
         k_init, k_train = jax.random.split(k)
-        st = pwm.init_state(cfg, k_init, wm_params)
-        st["key"] = k_train
-        st["nan_streak"] = jnp.zeros((), jnp.int32)
-        return st
+        return RunState(train=pwm.init_state(cfg, k_init, wm_params), key=k_train, nan_streak=jnp.zeros((), jnp.int32))
 
     return jax.vmap(one)(keys)
 
@@ -63,13 +71,13 @@ def sample_run(data: WindowData, pos: jax.Array, key: jax.Array, batch_size: int
     return {"obs": jnp.swapaxes(obs, 0, 1), "action": jnp.swapaxes(act, 0, 1), "reward": jnp.swapaxes(rew, 0, 1)}
 
 
-def _epoch_one_run(cfg: pwm.PWMConfig, batch_size: int, wm_batch_size: int, st: dict, frozen_wm, data, pos, task,
+def _epoch_one_run(cfg: pwm.PWMConfig, batch_size: int, wm_batch_size: int, st: RunState, frozen_wm, data, pos, task,
                    constrain: Callable | None = None):
     """One epoch of one run with in-program sampling. Returns (state, metrics).
 
     constrain: `sharding.constrain_batch(mesh)` to split the batch axis over the mesh's 'data' devices (None: as is).
     """
-    key, k_batch, k_wm, k_update = jax.random.split(st["key"], 4)
+    key, k_batch, k_wm, k_update = jax.random.split(st.key, 4)
     batch = sample_run(data, pos, k_batch, batch_size, cfg.horizon)
     batch["task"] = task
     if cfg.finetune_wm and cfg.wm_updates == "iterations":
@@ -80,13 +88,10 @@ def _epoch_one_run(cfg: pwm.PWMConfig, batch_size: int, wm_batch_size: int, st: 
     return _update_one_run(cfg, st, batch, key, k_update, frozen_wm)
 
 
-def _update_one_run(cfg, st, batch, next_key, k_update, frozen_wm):
-    inner = {k: v for k, v in st.items() if k not in ("key", "nan_streak")}
-    new, metrics = pwm.update(cfg, inner, batch, k_update, frozen_wm)
+def _update_one_run(cfg, st: RunState, batch, next_key, k_update, frozen_wm) -> tuple[RunState, dict]:
+    train, metrics = pwm.update(cfg, st.train, batch, k_update, frozen_wm)
     skipped = metrics["actor_nan_skip"] + metrics.get("wm_nan_skips", 0)
-    new["nan_streak"] = jnp.where(skipped > 0, st["nan_streak"] + 1, 0)
-    new["key"] = next_key
-    return new, metrics
+    return RunState(train=train, key=next_key, nan_streak=jnp.where(skipped > 0, st.nan_streak + 1, 0)), metrics
 
 
 def _check_constraint(constrain: Callable | None, task_chunk: int) -> None:
@@ -152,7 +157,7 @@ def make_train_chunk_host(cfg: pwm.PWMConfig, num_seeds: int, batch_size: int, w
         return jnp.swapaxes(x, 0, 1).reshape((num_seeds * T, per) + x.shape[3:])
 
     def one(st, frozen_wm, b, task):
-        key, k_update = jax.random.split(st["key"])
+        key, k_update = jax.random.split(st.key)
         tm = lambda x: jnp.swapaxes(x, 0, 1)
         batch = {"obs": tm(b["obs"][:batch_size]), "action": tm(b["action"][:batch_size]),
                  "reward": tm(b["reward"][:batch_size]), "task": task}
@@ -185,11 +190,10 @@ def make_diagnostics_fn(cfg: pwm.PWMConfig, batch_size: int, num_groups: int, nu
     Each run samples a fresh batch from a key folded off its own stream, so training is unchanged by diagnostics.
     """
     def one(st, frozen_wm, data, pos, task):
-        k_batch, k_diag = jax.random.split(jax.random.fold_in(st["key"], 0x0D1A6))
+        k_batch, k_diag = jax.random.split(jax.random.fold_in(st.key, 0x0D1A6))
         batch = sample_run(data, pos, k_batch, batch_size, cfg.horizon)
         batch["task"] = task
-        inner = {k: v for k, v in st.items() if k not in ("key", "nan_streak")}
-        return diagnostics.epoch_diagnostics(cfg, inner, batch, k_diag, frozen_wm, num_groups=num_groups,
+        return diagnostics.epoch_diagnostics(cfg, st.train, batch, k_diag, frozen_wm, num_groups=num_groups,
                                              num_probes=num_probes, max_jac_samples=jac_samples)
 
     def all_runs(state, frozen_wm, data, run_pos, run_task):

@@ -227,7 +227,7 @@ class Trainer:
 
     def check_nan(self, metrics: dict) -> None:
         """TrainingStopped when a run skipped max_nan_skips updates in a row for non-finite values."""
-        streak = self.axis.gather(self.state["nan_streak"])
+        streak = self.axis.gather(self.state.nan_streak)
         if streak.max() < self.plan.max_nan_skips:
             return
         r = int(streak.argmax())

@@ -28,7 +28,7 @@ def _wm_program(cfg, state, obs, act, rew, task, key, lr, batch: int):
             (p, o), None, length=cfg.wm_iterations)[0])
     else:
         fn = jax.jit(lambda p, o, ob, ac, rw, kk: pwm.wm_update(cfg, p, o, ob, ac, rw, task, kk, lr)[:2])
-    return fn, (state["wm"], state["wm_opt"], obs, act, rew, key)
+    return fn, (state.wm, state.wm_opt, obs, act, rew, key)
 
 
 def part_programs(cfg, batch: int) -> dict:
@@ -52,10 +52,10 @@ def part_programs(cfg, batch: int) -> dict:
         ap, ao, _ = pwm.adam_step(ap, ao, g, lr, pwm.ACTOR_ADAM, cfg.actor_grad_clip)
         return ap, ao, aux["states"], aux["rewards"], aux["next_values"]
 
-    fns["actor_step"] = (jax.jit(actor_step), (state["actor"], state["actor_opt"], state["wm"], state["critic"],
-                                               state["ret_rms"], obs[0], k[2]))
+    fns["actor_step"] = (jax.jit(actor_step), (state.actor, state.actor_opt, state.wm, state.critic, state.ret_rms,
+                                               obs[0], k[2]))
     fns["critic_steps"] = (jax.jit(lambda cp, co, zz, yy, kk: pwm.critic_update(cfg, cp, co, zz, yy, lr, kk)[:2]),
-                           (state["critic"], state["critic_opt"], z, y, k[3]))
+                           (state.critic, state.critic_opt, z, y, k[3]))
     return fns
 
 

@@ -137,14 +137,13 @@ def _policy_program(pcfg, config, epochs_per_call: int, spec: RunSpec, chunk: in
         k = jax.random.PRNGKey(0)
         if abstract:
             one = jax.eval_shape(lambda kk: pwm.init_state(pcfg, kk), k)
-            state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((runs,) + x.shape, x.dtype), one)
-            state["key"] = jax.ShapeDtypeStruct(keys.shape, keys.dtype)
-            state["nan_streak"] = jax.ShapeDtypeStruct((runs,), jnp.int32)
+            train = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((runs,) + x.shape, x.dtype), one)
+            state = program.RunState(train=train, key=jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+                                     nan_streak=jax.ShapeDtypeStruct((runs,), jnp.int32))
         else:
             one = init_state(pcfg, k)
-            state = jax.tree_util.tree_map(lambda x: jnp.repeat(x[None], runs, axis=0), one)
-            state["key"] = keys
-            state["nan_streak"] = jnp.zeros((runs,), jnp.int32)
+            train = jax.tree_util.tree_map(lambda x: jnp.repeat(x[None], runs, axis=0), one)
+            state = program.RunState(train=train, key=keys, nan_streak=jnp.zeros((runs,), jnp.int32))
         frozen = None
         if not pcfg.finetune_wm:
             frozen = jax.eval_shape(init_wm, k) if abstract else init_wm(k)
