@@ -2,6 +2,7 @@
 other, the recorded GPU rows, and the matmuls XLA actually compiles for a tiny epoch."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib
 import json
@@ -139,9 +140,14 @@ def test_epoch_flops_scaling():
     # the fixed preset's 8 x 256 WM sequences are 4x the reference's 512
     ref, fixed = _flops("baseline-finetune"), _flops("baseline-finetune", wm_updates="iterations")
     assert fixed["parts"]["wm"]["needed"] == pytest.approx(4 * ref["parts"]["wm"]["needed"], rel=1e-12)
+    # the reference's accumulated embedding gradient (B22) makes both losses differentiate the task embedding
+    fresh = flops.from_pwm_config(dataclasses.replace(pwm_config(bench.build_config("48M", "baseline-finetune")),
+                                                      wm_emb_grad="fresh"), 512, 256)
+    assert fresh["parts"]["wm"]["needed"] < ref["parts"]["wm"]["needed"]
+    assert fresh["parts"]["actor_step"]["needed"] < ref["parts"]["actor_step"]["needed"]
     pre = _flops("wm-pretrain", batch=1024, mode="pretrain")
     assert set(pre["parts"]) == {"wm"}
-    assert pre["needed"] == pytest.approx(2 * ref["parts"]["wm"]["needed"], rel=1e-12)
+    assert pre["needed"] == pytest.approx(2 * fresh["parts"]["wm"]["needed"], rel=1e-12)
 
 
 def test_epoch_flops_48m_magnitudes():
@@ -164,14 +170,18 @@ def test_config_dict_and_pwm_config_give_the_same_flops(phase, variant, preset):
 
 
 def test_recorded_gpu_rows_are_reproduced():
-    """Every FLOP field of the 2026-11-28 H200 rows (bench JSON) comes out of the model again, to the last digit."""
+    """Every FLOP field of the 2026-11-28 H200 rows (bench JSON) comes out of the model again, to the last digit.
+
+    Those rows predate B22 (the reference's accumulated task-embedding gradient): the program they measured
+    took no embedding gradient, i.e. today's wm_emb_grad='fresh'."""
     rows = [r for path in sorted(glob.glob(os.path.join(GPU_RESULTS, "*.json")))
             for r in json.load(open(path))["rows"] if r.get("status") == "done"]
     assert len(rows) >= 15
     for r in rows:
         cfg = bench.build_config(r["size"], r["variant"], r["preset"])
         assert (cfg.alg.batch_size, cfg.alg.horizon) == (r["batch_size"], r["horizon"])
-        f = flops.from_pwm_config(pwm_config(cfg), r["batch_size"], cfg.alg.wm_batch_size, r["mode"])
+        pcfg = dataclasses.replace(pwm_config(cfg), wm_emb_grad="fresh")
+        f = flops.from_pwm_config(pcfg, r["batch_size"], cfg.alg.wm_batch_size, r["mode"])
         assert r["gflop_epoch"] == pytest.approx(f["needed"] * r["runs"] / 1e9, rel=1e-13), r["variant"]
         assert r["gflop_naive_epoch"] == pytest.approx(f["naive"] * r["runs"] / 1e9, rel=1e-13)
         assert r["gflop_parts_per_run"] == {p: {k: pytest.approx(x / 1e9, rel=1e-13) for k, x in v.items()}
@@ -204,21 +214,25 @@ def get_config():
 '''
 
 
-def _autodiff_extra(arch: flops.Architecture, H: int, B: int, wm_rows: int, train_task_emb: bool) -> float:
+def _autodiff_extra(arch: flops.Architecture, H: int, B: int, wm_rows: int, train_task_emb: bool,
+                    emb_grad: bool = False) -> float:
     """What JAX's autodiff computes beyond `needed`: the whole input gradient of a first layer where only some
     columns need one (the concatenation's cotangent is one matmul), and one more critic forward for the terminal
-    value (the rollout already evaluated V(z_H) for the targets)."""
+    value (the rollout already evaluated V(z_H) for the targets). emb_grad (B22): the embedding's columns are needed."""
     d = flops.layer_dims(arch)
     O, A, L, E = arch.obs_dim, arch.action_dim, arch.latent_dim, arch.task_dim
     tau = 1 if arch.wm_kind == "flow" else 0
-    untrained_emb = 0 if train_task_emb else E
+    untrained_emb = 0 if (train_task_emb or emb_grad) else E
+    actor_emb = 0 if emb_grad else E
     wm_calls = (1 + arch.wm_evals) if arch.wm_kind == "flow" else 1
     extra = 0.0
     if wm_rows:  # WM step: encoder z0 [obs, emb]; dynamics/velocity [.., a, (tau), ..]; reward [.., a, ..]
         extra += 2 * wm_rows * (O + E) * d["enc"][0][1]
         extra += 2 * H * wm_rows * wm_calls * (A + tau + untrained_emb) * d["dyn"][0][1]
         extra += 2 * H * wm_rows * (A + untrained_emb) * d["rew"][0][1]
-    extra += 2 * H * B * arch.wm_evals * (E + tau) * d["dyn"][0][1] + 2 * H * B * E * d["rew"][0][1]
+    extra += 2 * H * B * arch.wm_evals * (actor_emb + tau) * d["dyn"][0][1] + 2 * H * B * actor_emb * d["rew"][0][1]
+    if emb_grad:  # the actor step's encoder: the obs columns of its first layer's input gradient
+        extra += 2 * B * O * d["enc"][0][1]
     if arch.actor_kind == "flow":  # the velocity net's [z, tau] columns
         extra += 2 * H * B * arch.actor_evals * (L + 1) * d["actor"][0][1]
     return extra + flops.dense_flops(B * arch.num_critics, d["critic"])
@@ -240,6 +254,7 @@ def test_model_matches_the_matmuls_xla_compiles(tmp_path, variant):
     compile_row(r)
     xla = dot_flops(r.compiled.as_text())
     need, naive = r.flops["needed"], r.flops["naive"]
-    extra = _autodiff_extra(flops.architecture_of(r.pcfg), 4, 16, 16, r.pcfg.train_task_emb)
+    extra = _autodiff_extra(flops.architecture_of(r.pcfg), 4, 16, 16, r.pcfg.train_task_emb,
+                            r.pcfg.accumulates_emb_grad)
     assert xla == pytest.approx(need + extra, rel=5e-3)
     assert need < xla < naive

@@ -106,7 +106,10 @@ def test_reference_reward_loss_keeps_reward_head_at_zero():
     b = sample_batch(jax.random.key(3))
     z = wm.encode(cfg.wm, state.wm, b["obs"][:-1], 0)
     logits = wm.reward_logits(cfg.wm, state.wm, z, b["action"], 0)
-    # for every input all logits are identical: the softmax is uniform and the predicted reward is 0 (B1)
-    assert float(jnp.max(jnp.max(logits, -1) - jnp.min(logits, -1))) == 0.0
+    # for every input all logits are equal: the softmax is uniform and the predicted reward is 0 (B1). Equal up to
+    # float32 rounding: the bins' identical weight columns are updated by matmuls whose summation order XLA may
+    # tile differently per column (1 ulp seen); a learning head spreads its logits by orders of magnitude more
+    spread = float(jnp.max(jnp.max(logits, -1) - jnp.min(logits, -1)))
+    assert spread <= 1e-6 * max(1.0, float(jnp.max(jnp.abs(logits)))), spread
     np.testing.assert_allclose(wm.reward_value(cfg.wm, logits, False), 0.0, atol=1e-6)
     assert float(np.max(np.abs(np.asarray(m["wm_loss"])))) > 0

@@ -183,8 +183,8 @@ def _flat(tree, keys=("actor", "critic")):
     import jax
     import numpy as np
 
-    return np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in jax.tree_util.tree_leaves([tree[k] for k in keys])],
-                          axis=1)
+    leaves = jax.tree_util.tree_leaves([getattr(tree.train, k) for k in keys])
+    return np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in leaves], axis=1)
 
 
 def _assert_same(ref_state, ref_metrics, state, metrics, what: str):

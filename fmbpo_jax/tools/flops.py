@@ -153,7 +153,7 @@ def wm_step_flops(arch: Architecture, *, horizon: int, sequences: int, teacher_f
     return enc + dyn + rew, naive
 
 
-def actor_step_flops(arch: Architecture, *, horizon: int, batch_size: int) -> Pair:
+def actor_step_flops(arch: Architecture, *, horizon: int, batch_size: int, emb_grad: bool = False) -> Pair:
     """(needed, naive) FLOPs of one actor step (pwm.actor_loss and its gradient wrt the actor only), B = batch.
 
     Needed: encoder on obs0 (B rows, forward only: z0 is detached); actor: H x evals calls, forward + weight
@@ -163,13 +163,15 @@ def actor_step_flops(arch: Architecture, *, horizon: int, batch_size: int) -> Pa
     (H-1 for the critic targets, the terminal one for the loss) plus input grads of the terminal one.
     Naive (the reference's autograd): the same forwards, plus weight grads of the WM (and of the encoder behind
     z0), whole input grads, and backward (weight + input grads) through all H critic evaluations.
+    emb_grad: the reference's never-zeroed task-embedding gradient (B22, pwm.PWMConfig.accumulates_emb_grad): the
+    loss's gradient wrt the embedding is needed too, through the encoder (all layers) and the WM's emb columns.
     """
     d = layer_dims(arch)
     H, B, C = horizon, batch_size, arch.num_critics
     flow_actor = arch.actor_kind == "flow"
     act_rows, dyn_rows, rew_rows = H * B * arch.actor_evals, H * B * arch.wm_evals, H * B
-    za = arch.latent_dim + arch.action_dim
-    enc_fwd = dense_flops(B, d["enc"])
+    za = arch.latent_dim + arch.action_dim + (arch.task_dim if emb_grad else 0)
+    enc_fwd = dense_flops(B, d["enc"], dx=emb_grad, dx_first_cols=arch.task_dim)
     actor_need = dense_flops(act_rows, d["actor"], dw=True, dx=True, dx_first_cols=arch.action_dim if flow_actor else 0)
     actor_naive = dense_flops(act_rows, d["actor"], dw=True, dx=True, dx_first_cols=None if flow_actor else 0)
     wm_need = (dense_flops(dyn_rows, d["dyn"], dx=True, dx_first_cols=za)
@@ -199,15 +201,16 @@ def _result(parts: Mapping[str, Pair]) -> dict:
 
 def epoch_flops(arch: Architecture, *, horizon: int, batch_size: int, critic_iterations: int, critic_batches: int,
                 wm_steps: int = 0, wm_batch_size: int = 0, teacher_forcing: bool = False,
-                train_task_emb: bool = True) -> dict:
+                train_task_emb: bool = True, emb_grad: bool = False) -> dict:
     """FLOPs of ONE policy epoch of ONE run (task, seed): {'needed', 'naive', 'parts': {'wm'?, 'actor_step',
-    'critic_steps'}}. wm_steps: WM gradient steps per epoch (0 = frozen WM), each on wm_batch_size windows."""
+    'critic_steps'}}. wm_steps: WM gradient steps per epoch (0 = frozen WM), each on wm_batch_size windows.
+    emb_grad: the reference's accumulated task-embedding gradient (B22): both losses differentiate the embedding."""
     parts: dict[str, Pair] = {}
     if wm_steps:
         n, nv = wm_step_flops(arch, horizon=horizon, sequences=wm_batch_size, teacher_forcing=teacher_forcing,
-                              train_task_emb=train_task_emb)
+                              train_task_emb=train_task_emb or emb_grad)
         parts["wm"] = (wm_steps * n, wm_steps * nv)
-    parts["actor_step"] = actor_step_flops(arch, horizon=horizon, batch_size=batch_size)
+    parts["actor_step"] = actor_step_flops(arch, horizon=horizon, batch_size=batch_size, emb_grad=emb_grad)
     parts["critic_steps"] = critic_steps_flops(arch, horizon=horizon, batch_size=batch_size,
                                                critic_iterations=critic_iterations, critic_batches=critic_batches)
     return _result(parts)
@@ -246,7 +249,8 @@ def from_pwm_config(pcfg, batch_size: int, wm_batch_size: int = 256, mode: str =
     if pcfg.finetune_wm:
         steps, rows = (pcfg.wm_iterations, wm_batch_size) if pcfg.wm_updates == "iterations" else (1, batch_size)
     return epoch_flops(arch, batch_size=batch_size, critic_iterations=pcfg.critic_iterations,
-                       critic_batches=pcfg.critic_batches, wm_steps=steps, wm_batch_size=rows, **common)
+                       critic_batches=pcfg.critic_batches, wm_steps=steps, wm_batch_size=rows,
+                       emb_grad=pcfg.accumulates_emb_grad, **common)
 
 
 def _model_fields(config: Mapping) -> dict:
@@ -280,4 +284,6 @@ def from_config_dict(config: Mapping) -> dict:
     return epoch_flops(arch, horizon=int(alg["horizon"]), batch_size=B, critic_iterations=int(alg["critic_iterations"]),
                        critic_batches=int(alg["critic_batches"]), wm_steps=steps, wm_batch_size=rows,
                        teacher_forcing=bool(alg.get("teacher_forcing", False)),
-                       train_task_emb=bool(beh["train_task_emb"]))
+                       train_task_emb=bool(beh["train_task_emb"]),
+                       emb_grad=bool(config.get("finetune_wm")) and beh.get("wm_emb_grad") == "accumulate"
+                       and not beh["train_task_emb"] and m["task_dim"] > 0)
