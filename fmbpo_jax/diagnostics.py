@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fmbpo_jax import actors, nets, pwm
+from fmbpo_jax import actors, mathops, nets, pwm
 from fmbpo_jax import world_model as wm
 
 Params = dict[str, Any]
@@ -219,7 +219,7 @@ def epoch_diagnostics(cfg: pwm.PWMConfig, state: dict, batch: dict, key: jax.Arr
 
     n = min(max_jac_samples, obs0.shape[0])
     z = wm.encode(cfg.wm, wm_params, obs0[:n], task)
-    a = jnp.tanh(actors.action(cfg.actor, state.actor, z, None, deterministic=True))
+    a = mathops.tanh(actors.action(cfg.actor, state.actor, z, None, deterministic=True))
     if cfg.action_masks and cfg.action_dims:
         a = a * nets.action_mask_table(cfg.action_dims, cfg.wm.action_dim)[task]
     out.update(wm_jacobian_proxies(cfg, wm_params, z, a, task, k_jac, num_probes))

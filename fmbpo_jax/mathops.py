@@ -100,3 +100,31 @@ def rms_update(rms: RunningMeanStd, x: jax.Array) -> RunningMeanStd:
     new_mean = rms.mean + delta * batch_count / tot
     m2 = rms.var * rms.count + batch_var * batch_count + jnp.square(delta) * rms.count * batch_count / tot
     return RunningMeanStd(new_mean, m2 / tot, tot)
+
+
+# tanh(x) = x (1 + x^2 P(x^2)) for |x| < 0.55, P the Taylor series of (tanh(x)/x - 1)/x^2 (its 11th term is below
+# 1e-9 relative there).
+_TANH_SERIES = (-1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075, -929569 / 638512875,
+                6404582 / 10854718875, -443861162 / 1856156927625, 18888466084 / 194896477400625)
+_TANH_SERIES_BELOW = 0.55
+
+
+@jax.custom_jvp
+def tanh(x: jax.Array) -> jax.Array:
+    """tanh, elementwise, to about 0.27 ulp on average in float32 (XLA:CPU's jnp.tanh averages 0.6-0.75 ulp and
+    reaches 4; PyTorch's CPU tanh about 0.22): an odd series near 0, 1 - 2e / (1 + e) with e = exp(-2|x|) elsewhere.
+    The imagined rollout applies it to every action, so its error reaches every later state (whole-update parity)."""
+    ax = jnp.abs(x)
+    x2 = jnp.square(jnp.minimum(ax, _TANH_SERIES_BELOW))
+    p = jnp.zeros_like(x2)
+    for c in reversed(_TANH_SERIES):  # Horner, unrolled at trace time (10 terms)
+        p = p * x2 + c
+    e = jnp.exp(-2.0 * ax)
+    return jnp.where(ax < _TANH_SERIES_BELOW, x + x * (x2 * p), jnp.sign(x) * (1.0 - 2.0 * e / (1.0 + e)))
+
+
+@tanh.defjvp
+def _tanh_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = tanh(x)
+    return y, (1.0 - y * y) * dx

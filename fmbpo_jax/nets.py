@@ -98,6 +98,13 @@ def _mish_terms(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return e, n, 1.0 / (n + 2.0)
 
 
+def _mish_value(x: jax.Array, n: jax.Array, r: jax.Array) -> jax.Array:
+    """x n / (n + 2), written x - 2 x r for x > 0: there n / (n + 2) is close to 1 and x n r rounds twice on a value
+    near x (about 0.5 ulp on average against 0.3 ulp for the difference, measured on float32 CPU); for x <= 0 the
+    product keeps the small result's relative precision."""
+    return jnp.where(x > 0, x - 2.0 * x * r, x * n * r)
+
+
 @jax.custom_jvp
 def mish(x: jax.Array) -> jax.Array:
     """x * tanh(softplus(x)), in the closed form x * n / (n + 2) with n = e^x (e^x + 2).
@@ -106,7 +113,7 @@ def mish(x: jax.Array) -> jax.Array:
     and tanh, about 5x faster on XLA:CPU, where the log1p dominated. Max abs difference ~2e-7 |x|.
     """
     _, n, r = _mish_terms(x)
-    return x * n * r
+    return _mish_value(x, n, r)
 
 
 @mish.defjvp
@@ -115,7 +122,7 @@ def _mish_jvp(primals, tangents):
     # backward reuses e, n, r instead of differentiating through the clamp and the division.
     (x,), (dx,) = primals, tangents
     e, n, r = _mish_terms(x)
-    return x * n * r, (n * r + x * 4.0 * e * (e + 1.0) * r * r) * dx
+    return _mish_value(x, n, r), (n * r + x * 4.0 * e * (e + 1.0) * r * r) * dx
 
 
 def simnorm(x: jax.Array, group: int = 8) -> jax.Array:

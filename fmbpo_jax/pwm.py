@@ -10,6 +10,7 @@ obs [H+1, B, O], action [H, B, A], reward [H, B]. `task` is a scalar int32 (one 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -105,9 +106,39 @@ class PWMConfig:
                 and self.wm.task_dim > 0)
 
 
+def bias_correction(beta: float, count: jax.Array, dtype) -> jax.Array:
+    """1 - beta^count, accurate to float rounding: -expm1(count * log(beta)), log(beta) taken in float64 on the host.
+
+    optax computes it as 1 - float32(beta)^count: float32(0.999) is 1.3e-8 off, so 1 - beta is 1.3e-5 (relative)
+    off and every first Adam step of the WM is 6.4e-6 too short (about one float32 ulp of a typical WM parameter,
+    the same sign for all). torch.optim.Adam takes it in float64.
+    """
+    return -jnp.expm1(count.astype(dtype) * jnp.asarray(math.log(beta), dtype))
+
+
 def _adam(b1b2: tuple[float, float], eps: float = 1e-8) -> optax.GradientTransformation:
-    """torch.optim.Adam's direction: m_hat / (sqrt(v_hat) + eps) (the lr is applied by `adam_step`)."""
-    return optax.scale_by_adam(b1=b1b2[0], b2=b1b2[1], eps=eps)
+    """torch.optim.Adam's direction m / bc1 / (sqrt(v) / sqrt(bc2) + eps) (the lr is applied by `adam_step`).
+
+    State: optax.ScaleByAdamState(count, mu, nu), as optax.scale_by_adam keeps it; the bias corrections bc1, bc2
+    are `bias_correction`'s, in torch's order of operations.
+    """
+    b1, b2 = (float(b) for b in b1b2)
+
+    def init(params):
+        zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)  # noqa: E731 (two trees, never one buffer twice)
+        return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros())
+
+    def update(grads, state, params=None):
+        del params
+        mu = jax.tree_util.tree_map(lambda m, g: m + (g - m) * (1.0 - b1), state.mu, grads)  # torch: lerp_
+        nu = jax.tree_util.tree_map(lambda v, g: v * b2 + (1.0 - b2) * g * g, state.nu, grads)
+        count = optax.safe_int32_increment(state.count)
+        dtype = jax.tree_util.tree_leaves(grads)[0].dtype
+        bc1, bc2_sqrt = bias_correction(b1, count, dtype), jnp.sqrt(bias_correction(b2, count, dtype))
+        direction = jax.tree_util.tree_map(lambda m, v: m / (jnp.sqrt(v) / bc2_sqrt + eps) / bc1, mu, nu)
+        return direction, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
 
 
 def learning_rate(lr0: float, epoch: jax.Array, max_epochs: int, schedule: str = "linear") -> jax.Array:
@@ -267,7 +298,7 @@ def actor_loss(cfg: PWMConfig, actor_params: Params, wm_params: Params, critic_p
     def body(carry, draw):
         z, disc, ret = carry
         key_t, eps_t = draw
-        a = jnp.tanh(actors.action(cfg.actor, actor_params, jax.lax.stop_gradient(z), key_t, eps=eps_t))
+        a = mathops.tanh(actors.action(cfg.actor, actor_params, jax.lax.stop_gradient(z), key_t, eps=eps_t))
         if mask is not None:
             a = a * mask
         z_next, logits = wm.step(cfg.wm, wm_params, z, a, task)

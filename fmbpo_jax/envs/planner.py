@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmbpo_jax import actors, critic, nets
+from fmbpo_jax import actors, critic, mathops, nets
 from fmbpo_jax import world_model as wm
 from fmbpo_jax.envs.evaluate import EvalResult, episode_seeds
 from fmbpo_jax.envs.pool import EnvPool
@@ -178,7 +178,7 @@ def policy_prior(pcfg, actor_params: Params, wm_params: Params, z0: jax.Array, t
     keys = jax.random.split(key, horizon)
 
     def act(z, k):
-        a = jnp.tanh(actors.action(pcfg.actor, actor_params, z, k, deterministic=False))
+        a = mathops.tanh(actors.action(pcfg.actor, actor_params, z, k, deterministic=False))
         return a if mask is None else a * mask
 
     def body(z, k):

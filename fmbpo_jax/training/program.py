@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fmbpo_jax import actors, diagnostics, nets, pwm, sharding
+from fmbpo_jax import actors, diagnostics, mathops, nets, pwm, sharding
 from fmbpo_jax import world_model as wm
 from fmbpo_jax.data.sampler import WindowData
 from fmbpo_jax.envs.tasks import ACTION_DIMS_BY_ID, MAX_ACTION_DIM
@@ -213,7 +213,7 @@ def make_policy_fn(cfg: pwm.PWMConfig, shared_wm: bool, apply_masks: bool) -> Ca
 
     def one_task(actor_p, wm_p, obs, task):
         z = wm.encode(cfg.wm, wm_p, obs, task)
-        a = jnp.tanh(actors.action(cfg.actor, actor_p, z, None, deterministic=True))
+        a = mathops.tanh(actors.action(cfg.actor, actor_p, z, None, deterministic=True))
         return a * masks[task] if apply_masks else a
 
     def policy(bundle, obs, task_ids):
