@@ -12,10 +12,21 @@ _FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_pas
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_XLA).strip()
 
+import atexit
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+# Processes started by one test session compile the same programs: JAX's persistent cache lets the later ones load
+# them (the same executables, so bitwise comparisons between processes keep their meaning) instead of compiling.
+_XLA_CACHE = tempfile.mkdtemp(prefix="fmbpo_tests_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
+XLA_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": _XLA_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ MAX_README_LINES = 220
 # The two quick-start commands, character for character: .ci/run runs the test command (checked below) and
 # tests/test_demo.py the main command shrunk by flags; change them together.
 MAIN_COMMAND = "pip install -e . && python -m fmbpo_jax.main"
-TEST_COMMAND = 'pip install "torch==2.13.0" && pip install -e ".[dev,convert]" && python -m pytest -q tests'
+TEST_COMMAND = 'pip install "torch==2.13.0" && pip install -e ".[dev,convert]" && python -m pytest -q -n 2 --dist loadfile tests'
 
 # Top-level folders of the repository: a `code span` starting with one of these names a path that must exist.
 REPO_DIRS = ("fmbpo_jax/", "convert_ckpt/", "configs/", "launch/", "tests/", "docs/", ".ci/")

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import XLA_CACHE_ENV
 from fmbpo_jax.textio import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def cli(store, workdir, epochs=30):
 
 
 def start(args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MUJOCO_GL="disable", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MUJOCO_GL="disable", PYTHONPATH=str(ROOT), **XLA_CACHE_ENV)
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -1,6 +1,8 @@
 """The multitask trainer: vmapped runs equal looped runs, config validation, the NaN guard."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -21,6 +23,12 @@ def assert_same_leaves(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@functools.lru_cache(maxsize=8)
+def _chunk_fn(pcfg, epochs: int, batch_size: int, wm_batch_size: int, task_chunk: int):
+    """One jitted chunk per setting: the runs trained alone share it (same shapes) instead of compiling 6 times."""
+    return make_train_chunk(pcfg, epochs, batch_size, wm_batch_size, task_chunk)
+
+
 def _train(config, store, tasks, seeds, epochs=6):
     config = tiny_config(store, tasks=",".join(tasks), seeds=",".join(map(str, seeds)), **config)
     spec = run_config.run_spec(config)
@@ -28,7 +36,7 @@ def _train(config, store, tasks, seeds, epochs=6):
     data = load_device_data(store, list(spec.task_ids))
     state = init_runs(pcfg, run_keys(spec))
     frozen = None if pcfg.finetune_wm else wm.init(pcfg.wm, jax.random.PRNGKey(0))
-    fn = make_train_chunk(pcfg, epochs, config.alg.batch_size, config.alg.wm_batch_size, config.task_chunk)
+    fn = _chunk_fn(pcfg, epochs, config.alg.batch_size, config.alg.wm_batch_size, config.task_chunk)
     state, metrics = fn(state, frozen, data, jax.numpy.asarray(spec.run_task_pos), jax.numpy.asarray(spec.run_task_ids))
     return spec, state, metrics
 
