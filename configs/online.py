@@ -60,6 +60,7 @@ def get_config(variant: str = "mlp"):
     c.online.seed_steps = 2_500  # TD-MPC2: max(1000, 5 episodes)
     c.online.utd = 1.0
     c.online.update_every = 2
+    c.chunk_epochs = 1  # unused in online mode (an episode is the loop's chunk); 1 lets diagnostics.freq be any episode multiple
     c.log_freq = 500  # env steps: one metrics row per run per episode
     c.eval.freq = 5_000  # env steps
     c.checkpoint_freq = 5_000  # env steps
