@@ -89,6 +89,12 @@ def test_plan_counts_updates():
     assert [o.updates_at(s) for s in (0, 20, 25, 40, 80)] == [0, 0, 2, 8, 24] and o.total_updates == 24
 
 
+def test_reference_preset_plan():
+    """--config.preset=reference: the WM step on the policy batch (B9) and a plain 'planning' evaluation (B8)."""
+    plan = RunPlan.from_config(tiny_online(preset="reference"))
+    assert plan.pwm.wm_updates == "policy_batch" and plan.eval.planning == "plain" and plan.pwm.finetune_wm
+
+
 def _final(workdir, stop_after: int | None = None):
     tr = OnlineTrainer(RunPlan.from_config(tiny_online()), str(workdir), log=lambda _: None)
     if stop_after is not None:
@@ -120,6 +126,8 @@ def test_loop_evaluates_logs_and_resumes_exactly(tmp_path):
 
     with pytest.raises(Preempted):
         _final(tmp_path / "cut", stop_after=2)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # as if killed (-9) after logging past the checkpoint
+        f.write(json.dumps({**metrics[-1], "env_steps": 60, "train_return": -1.0}) + "\n")
     resumed, _ = _final(tmp_path / "cut")
     for a, b in zip(jax.tree_util.tree_leaves((full.state, full.buffer, full.evaluation.best)),
                     jax.tree_util.tree_leaves((resumed.state, resumed.buffer, resumed.evaluation.best))):

@@ -40,6 +40,7 @@ from fmbpo_jax.textio import truncate_jsonl
 learn_program = functools.lru_cache(maxsize=8)(program.make_train_chunk)
 act_program = functools.lru_cache(maxsize=8)(acting.make_act_fn)
 probe_program = functools.lru_cache(maxsize=8)(acting.make_wm_probe)
+diagnostics_program = functools.lru_cache(maxsize=8)(program.make_diagnostics_fn)
 
 
 def train_online(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: Callable | None = None,
@@ -135,7 +136,7 @@ class OnlineTrainer:
         self.diagnose = None
         if self.o.diagnostics_freq:
             d = plan.diagnostics
-            self.diagnose = program.make_diagnostics_fn(plan.pwm, plan.batch_size, d.num_groups, d.num_probes, d.jac_samples)
+            self.diagnose = diagnostics_program(plan.pwm, plan.batch_size, d.num_groups, d.num_probes, d.jac_samples)
         workers = {-1: 0, 0: None}.get(self.o.env_workers, self.o.env_workers)
         self.pool = EnvPool(spec.run_task_ids, num_workers=workers, max_steps=self.o.episode_length)
         self.evaluation.start()
