@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.freq = 200  # evaluate every `freq` epochs (and at epoch 0, like the reference)
     c.eval.episodes = 10
     c.eval.max_steps = 500  # agent steps per episode (500 = full MT30 episode)
-    c.eval.workers = 0  # env worker processes; 0 = automatic
+    c.eval.workers = 0  # env worker processes; 0 = automatic, -1 = step the envs in the trainer's process
     c.eval.background = True  # evaluate a params snapshot in a thread while training continues
     c.eval.seed = 0
     c.eval.final = True  # final plain + planning evaluations

@@ -28,7 +28,7 @@ TINY = {"tasks": "pendulum-spin", "seeds": "1,2", "model.size": "tiny", "model.t
         "alg.horizon": 3, "alg.critic_iterations": 2, "alg.critic_batches": 2, "online.episode_length": 20,
         "online.env_steps": 80, "online.seed_steps": 20, "online.update_every": 5, "online.utd": 0.4,
         "online.env_workers": -1, "eval.freq": 40, "checkpoint_freq": 40, "log_freq": 20, "eval.episodes": 1,
-        "eval.max_steps": 20, "eval.workers": 1, "eval.background": False, "eval.final": False,
+        "eval.max_steps": 20, "eval.workers": -1, "eval.background": False, "eval.final": False,
         "diagnostics.freq": 80, "diagnostics.num_groups": 2}
 
 
@@ -142,7 +142,8 @@ def test_cli_flow_variant(tmp_path):
     over = {k: v for k, v in TINY.items() if not k.startswith("diagnostics")}
     over.update({"seeds": "1", "online.env_steps": 60, "eval.freq": 60, "eval.final": True, "eval.mppi_samples": 16,
                  "eval.mppi_elites": 4, "eval.mppi_policy_trajs": 2, "eval.mppi_iterations": 1,
-                 "model.wm_substeps": 2, "model.actor_substeps": 1})
+                 "model.wm_substeps": 2, "model.actor_substeps": 1,
+                 "online.env_workers": 1})  # acting envs in a worker process, as in real runs
     cmd = [sys.executable, "-m", "fmbpo_jax.main", "--config=configs/online.py:flow_small", f"--workdir={tmp_path}"]
     proc = subprocess.run(cmd + cli_flags(over), cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": REPO})

@@ -168,7 +168,8 @@ class Evaluation:
         plan, spec = self.plan, self.plan.spec
         policy = program.make_policy_fn(plan.pwm, shared_wm=not self.finetune, apply_masks=bool(plan.behaviours["action_masks"]))
         evs = {pos: Evaluator(policy, [spec.task_ids[p] for p in pos], episodes=plan.eval.episodes,
-                              num_workers=plan.eval.workers or None, max_steps=plan.eval.max_steps)
+                              num_workers={-1: 0, 0: None}.get(plan.eval.workers, plan.eval.workers),
+                              max_steps=plan.eval.max_steps)
                for pos in dict.fromkeys(pos for _, pos in self.groups)}
         return EvalThread(evs, self.groups, spec.seeds, plan.eval.seed, plan.eval.background)
 
