@@ -44,7 +44,7 @@ def tiny_online(variant: str = "mlp_small", **over):
 
 
 def cli_flags(over: dict) -> list[str]:
-    return [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()]
+    return [f"--config.{k}={'(' + ','.join(map(str, v)) + ')' if isinstance(v, tuple) else v}" for k, v in over.items()]
 
 
 def test_buffer_windows_follow_the_chunk_layout():
