@@ -158,6 +158,7 @@ class Evaluation:
             best["wm"] = state.train.wm
         self.best = axis.place_unpadded(jax.tree_util.tree_map(jnp.array, best))  # own buffers: the state is donated
         self.thread: EvalThread | None = None
+        self.clock = "epoch"  # what the `epoch` arguments count ('env step' in online training)
 
     def start(self) -> None:
         """Start the evaluators (env worker processes); without episodes there are none."""
@@ -234,7 +235,7 @@ class Evaluation:
         self.recorded_epoch = epoch
         if self.on_eval:
             self.on_eval(rows)
-        self.log(f"[eval epoch {epoch}] mean return {returns.mean():.1f} over {spec.num_runs} runs")
+        self.log(f"[eval {self.clock} {epoch}] mean return {returns.mean():.1f} over {spec.num_runs} runs")
 
     def close(self) -> None:
         if self.thread is not None:

@@ -123,6 +123,7 @@ class OnlineTrainer:
         keys = program.run_keys(spec)
         state = program.init_runs(plan.pwm, keys, pretrained)
         self.evaluation = Evaluation(plan, self.axis, state, None, self.runlog, on_eval, self.log)
+        self.evaluation.clock = "env step"  # its `epoch` arguments are env steps here
         self.state = self.axis.place_unpadded(state)
         self.buffer = self.axis.place_unpadded(replay.empty(spec.run_task_ids, self.o.episodes, self.o.episode_length))
         self.episode, self.elapsed = 0, 0.0

@@ -106,7 +106,7 @@ def _pretrain_loss(plt, pre: dict, colors: dict, out: str) -> str:
 def make_figures(data: dict, out: str) -> dict[str, str]:
     """Write the PNGs; returns {name: path}."""
     plt = _plt()
-    policy = {k: v for k, v in data["variants"].items() if v["mode"] == "policy"}
+    policy = {k: v for k, v in data["variants"].items() if v["mode"] != "pretrain_wm"}  # offline or online
     figs: dict[str, str] = {}
     colors = dict(zip(data["variants"], _colors(len(data["variants"]))))
     tasks = sorted({t for v in policy.values() for t in v["tasks"]}, key=task_order)
