@@ -154,3 +154,15 @@ def test_cli_flow_variant(tmp_path):
     assert [r["env_steps"] for r in read_jsonl(tmp_path / "eval.jsonl")] == [0]
     (row,) = read_results_csv(tmp_path / "results.csv")
     assert row["task"] == "pendulum-spin" and np.isfinite(float(row["final_return"])) and "planning_return" in row
+
+
+def test_report_curves_on_env_steps():
+    """The report's curves take an env_steps column as their x when rows have one (online runs), else the epoch."""
+    from fmbpo_jax.tools.report.aggregate import curves
+
+    ev = {"task": "pendulum-spin", "seed": 1, "epoch": 8, "episode_reward": 5.0}
+    met = {"task": "pendulum-spin", "seed": 1, "epoch": 8, "wm_loss": 1.0}
+    online = curves([{"evals": [{**ev, "env_steps": 40}], "metrics": [{**met, "env_steps": 40}]}])
+    assert online["x"] == "env steps" and online["eval"]["pendulum-spin"] == {40: [5.0]} and online["loss"]["wm_loss"] == {40: [1.0]}
+    offline = curves([{"evals": [ev], "metrics": [met]}])
+    assert offline["x"] == "epoch" and offline["eval"]["pendulum-spin"] == {8: [5.0]}
