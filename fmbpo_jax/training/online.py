@@ -237,7 +237,8 @@ class OnlineTrainer:
     def write_diagnostics(self, episode: int, elapsed: float) -> None:
         """Actor-gradient ESNR and WM Jacobian proxies on the buffer (fmbpo_jax.diagnostics), one row per run."""
         diag = self.diagnose(self.state, None, self.buffer, self.run_pos, self.run_task)
-        rows = episode_rows(self.plan, episode, np.full(self.plan.spec.num_runs, np.nan), {k: np.asarray(v) for k, v in diag.items()}, elapsed)
+        diag = {k: np.asarray(v) for k, v in diag.items()}
+        rows = episode_rows(self.plan, episode, np.full(self.plan.spec.num_runs, np.nan), diag, elapsed)
         self.runlog.diagnostics([{k: v for k, v in r.items() if k != "train_return"} for r in rows])
 
     def check_nan(self, metrics: dict) -> None:
