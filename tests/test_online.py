@@ -1,26 +1,22 @@
 """Online MBPO (mode 'online'): the device buffer, the plan's checks, the loop with evaluation and an exact resume
-(in process, 2 vmapped runs, tiny nets, 20-step episodes), and one CLI run of the flow variant."""
+(in process, 2 vmapped runs, tiny nets, 20-step episodes), the main job's dispatch with the final evaluations, the
+flow variant's exploration policy, the report's env-steps axis."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs.online import get_config as online_config
+from fmbpo_jax import main
 from fmbpo_jax.run_config import ConfigError, RunPlan
-from fmbpo_jax.training import replay
+from fmbpo_jax.training import acting, replay
 from fmbpo_jax.training.lifecycle import Preempted
-from fmbpo_jax.training.online import OnlineTrainer
-from fmbpo_jax.training.program import sample_run
+from fmbpo_jax.training.online import OnlineTrainer, init_program
+from fmbpo_jax.training.program import run_keys, sample_run
 from fmbpo_jax.textio import read_jsonl, read_results_csv
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 2 runs (1 task x 2 seeds), 20-step episodes: 1 seed episode + 3 acting ones, 2 updates per 5 env steps
 TINY = {"tasks": "pendulum-spin", "seeds": "1,2", "model.size": "tiny", "model.task_dim": 8,
@@ -29,7 +25,7 @@ TINY = {"tasks": "pendulum-spin", "seeds": "1,2", "model.size": "tiny", "model.t
         "online.env_steps": 80, "online.seed_steps": 20, "online.update_every": 5, "online.utd": 0.4,
         "online.env_workers": -1, "eval.freq": 40, "checkpoint_freq": 40, "log_freq": 20, "eval.episodes": 1,
         "eval.max_steps": 20, "eval.workers": -1, "eval.background": False, "eval.final": False,
-        "diagnostics.freq": 80, "diagnostics.num_groups": 2}
+        "eval.mppi_samples": 16, "eval.mppi_elites": 4, "eval.mppi_policy_trajs": 2, "eval.mppi_iterations": 1}
 
 
 def tiny_online(variant: str = "mlp_small", **over):
@@ -41,10 +37,6 @@ def tiny_online(variant: str = "mlp_small", **over):
             node = node[p]
         node[leaf] = v
     return c
-
-
-def cli_flags(over: dict) -> list[str]:
-    return [f"--config.{k}={'(' + ','.join(map(str, v)) + ')' if isinstance(v, tuple) else v}" for k, v in over.items()]
 
 
 def test_buffer_windows_follow_the_chunk_layout():
@@ -121,7 +113,6 @@ def test_loop_evaluates_logs_and_resumes_exactly(tmp_path):
     assert {"wm_loss", "value_loss", "wm_loss_fresh", "wm_loss_buffer", "train_return"} <= set(metrics[-1])
     evals = _rows(tmp_path / "full" / "eval.jsonl")
     assert [(r["env_steps"], r["epoch"]) for r in evals] == [(0, 0), (0, 0), (40, 8), (40, 8)]
-    assert "actor_esnr_db" in read_jsonl(tmp_path / "full" / "diagnostics.jsonl")[0]
     assert len(read_results_csv(tmp_path / "full" / "results.csv")) == 2
 
     with pytest.raises(Preempted):
@@ -132,28 +123,37 @@ def test_loop_evaluates_logs_and_resumes_exactly(tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves((full.state, full.buffer, full.evaluation.best)),
                     jax.tree_util.tree_leaves((resumed.state, resumed.buffer, resumed.evaluation.best))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for name in ("metrics.jsonl", "eval.jsonl", "diagnostics.jsonl"):
+    for name in ("metrics.jsonl", "eval.jsonl"):
         assert _rows(tmp_path / "cut" / name) == _rows(tmp_path / "full" / name), name
 
 
-def test_cli_flow_variant(tmp_path):
-    """The main job on configs/online.py:flow_small (flow WM + flow actor): exit 0, logs with env steps, results with the
-    final plain and MPPI planning evaluations."""
-    over = {k: v for k, v in TINY.items() if not k.startswith("diagnostics")}
-    over.update({"seeds": "1", "online.env_steps": 60, "eval.freq": 60, "eval.final": True, "eval.mppi_samples": 16,
-                 "eval.mppi_elites": 4, "eval.mppi_policy_trajs": 2, "eval.mppi_iterations": 1,
-                 "model.wm_substeps": 2, "model.actor_substeps": 1,
-                 "online.env_workers": 1})  # acting envs in a worker process, as in real runs
-    cmd = [sys.executable, "-m", "fmbpo_jax.main", "--config=configs/online.py:flow_small", f"--workdir={tmp_path}"]
-    proc = subprocess.run(cmd + cli_flags(over), cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[env step 60/60]" in proc.stdout and "ETA" in proc.stdout
-    assert json.loads((tmp_path / "config.json").read_text())["world_model"] == "flow"
-    assert [r["env_steps"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [20, 40, 60]
-    assert [r["env_steps"] for r in read_jsonl(tmp_path / "eval.jsonl")] == [0]
-    (row,) = read_results_csv(tmp_path / "results.csv")
-    assert row["task"] == "pendulum-spin" and np.isfinite(float(row["final_return"])) and "planning_return" in row
+def test_main_runs_online_mode(tmp_path):
+    """The main job's dispatch (main.run) on mode 'online' with the final plain, MPPI planning and best-params
+    evaluations: results.csv (the programs are the loop test's, compiled once per process)."""
+    config = tiny_online(**{"eval.final": True})
+    plan = RunPlan.from_config(config)
+    main.run(config, plan, str(tmp_path), main.WandbSink(plan, "disabled", str(tmp_path)))
+    rows = read_results_csv(tmp_path / "results.csv")
+    assert [(r["task"], int(r["seed"])) for r in rows] == [("pendulum-spin", 1), ("pendulum-spin", 2)]
+    assert all(np.isfinite(float(r[k])) for r in rows for k in ("final_return", "planning_return", "best_params_return"))
+    assert json.loads((tmp_path / "config.json").read_text())["mode"] == "online"
+
+
+def test_flow_variant_acts():
+    """configs/online.py:flow_small: the exploration policy of a flow actor on a flow WM, every run at once: actions in
+    [-1, 1], zero past the task's action dims, different per step and per run, the same for the same step."""
+    plan = RunPlan.from_config(tiny_online("flow_small", tasks="pendulum-spin,cartpole-swingup", seeds="1",
+                                           **{"model.wm_substeps": 2, "model.actor_substeps": 1}))
+    assert plan.pwm.wm.kind == "flow" and plan.pwm.actor.kind == "flow"
+    spec = plan.spec
+    state = init_program(plan.pwm)(run_keys(spec), None)
+    act = acting.make_act_fn(plan.pwm, 0.1)
+    obs = jnp.ones((spec.num_runs, 24), jnp.float32)
+    args = (state.train, obs, jnp.asarray(spec.run_task_ids), acting.act_keys(run_keys(spec)))
+    a0, a0_again, a1 = (np.asarray(act(*args, s)) for s in (0, 0, 1))
+    assert a0.shape == (2, 6) and np.all(np.abs(a0) <= 1) and np.all(a0[:, 1:] == 0)  # both tasks have 1 action dim
+    np.testing.assert_array_equal(a0, a0_again)
+    assert not np.array_equal(a0, a1) and a0[0, 0] != a0[1, 0]
 
 
 def test_report_curves_on_env_steps():

@@ -43,6 +43,13 @@ probe_program = functools.lru_cache(maxsize=8)(acting.make_wm_probe)
 diagnostics_program = functools.lru_cache(maxsize=8)(program.make_diagnostics_fn)
 
 
+@functools.lru_cache(maxsize=8)
+def init_program(cfg) -> Callable:
+    """jit(raw keys [R, 2], WM params | None) -> program.init_runs' state: one compile instead of an eager op-by-op
+    init (~10 s of small compiles on CPU)."""
+    return jax.jit(functools.partial(program.init_runs, cfg))
+
+
 def train_online(config, workdir: str, *, on_metrics: Callable | None = None, on_eval: Callable | None = None,
                  log: Callable[[str], None] = print) -> dict:
     """Online training of every (seed, task) run of `config` (an ml_collections config or a RunPlan, mode 'online');
@@ -121,7 +128,7 @@ class OnlineTrainer:
         self.runlog = OnlineLog(workdir, self.o)
         self.checkpointer = Checkpointer(workdir)
         keys = program.run_keys(spec)
-        state = program.init_runs(plan.pwm, keys, pretrained)
+        state = init_program(plan.pwm)(keys, pretrained)
         self.evaluation = Evaluation(plan, self.axis, state, None, self.runlog, on_eval, self.log)
         self.evaluation.clock = "env step"  # its `epoch` arguments are env steps here
         self.state = self.axis.place_unpadded(state)
