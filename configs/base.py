@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "run"  # used in the default workdir and the wandb run name
     c.phase = 0  # spec section 7 phase this config reproduces (0 = none)
-    c.mode = "policy"  # 'policy' (phases 3-7, 9) | 'pretrain_wm' (phase 8) | 'demo'
+    c.mode = "policy"  # 'policy' (phases 3-7, 9) | 'pretrain_wm' (phase 8) | 'demo' | 'online' (configs/online.py)
     c.preset = "fixed"  # 'fixed' (default: the reference's bugs repaired) | 'reference' (bit-compatible)
 
     # ---- what to train
@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.freq = 200  # evaluate every `freq` epochs (and at epoch 0, like the reference)
     c.eval.episodes = 10
     c.eval.max_steps = 500  # agent steps per episode (500 = full MT30 episode)
-    c.eval.workers = 0  # env worker processes; 0 = automatic
+    c.eval.workers = 0  # env worker processes; 0 = automatic, -1 = step the envs in the trainer's process
     c.eval.background = True  # evaluate a params snapshot in a thread while training continues
     c.eval.seed = 0
     c.eval.final = True  # final plain + planning evaluations
@@ -134,6 +134,20 @@ def get_config() -> ml_collections.ConfigDict:
     # WM learning rate of the demo's joint variant, which fine-tunes the WM the demo just pretrained (0 = alg.model_lr,
     # the pretraining lr; why the demo lowers it: configs/demo.py)
     c.demo.joint_model_lr = 0.0
+
+    # ---- online MBPO (mode 'online', configs/online.py; docs/online.md): act in the env, a replay buffer on the device
+    c.online = ml_collections.ConfigDict()
+    c.online.env_steps = 100_000  # agent steps per run (a multiple of episode_length)
+    c.online.episode_length = 500  # agent steps per episode (500 = full MT30 episode)
+    c.online.seed_steps = 2_500  # first agent steps with OU random actions, no updates (a multiple of episode_length)
+    c.online.utd = 1.0  # updates per env step (one update = pwm.update: WM step(s), actor step, critic steps)
+    c.online.update_every = 2  # env steps between update calls; utd * update_every updates per call (an integer)
+    c.online.action_noise = 0.0  # std of Gaussian noise added to the policy's sampled (tanh) action, then clipped
+    c.online.ou_theta = 0.15  # seed episodes' OU random actions (data.generate.random_actions)
+    c.online.ou_sigma = 0.4
+    c.online.env_workers = 0  # env worker processes for acting; 0 = automatic, -1 = step the envs in this process
+    # In online mode eval.freq, checkpoint_freq, log_freq and diagnostics.freq count ENV STEPS (multiples of
+    # episode_length); `epochs` is unused (the update count follows from the fields above).
 
     # ---- run mechanics
     c.chunk_epochs = 100  # epochs per jitted call (lax.scan); logging/eval/checkpoint happen between chunks

@@ -20,6 +20,7 @@ from fmbpo_jax.demo import run_demo
 from fmbpo_jax.pretrain import pretrain_wm
 from fmbpo_jax.run_config import ConfigError, RunPlan, set_deterministic_xla
 from fmbpo_jax.training.lifecycle import EXIT_REQUEUE, Preempted, TrainingStopped
+from fmbpo_jax.training.online import train_online
 from fmbpo_jax.training.trainer import train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,6 +81,8 @@ def run(config, plan: RunPlan, workdir: str, sink: WandbSink) -> None:
     elif plan.mode == "pretrain_wm":
         out = pretrain_wm(plan, workdir)
         print(f"best wm_loss {out['best_wm_loss']:.4f} -> {out['best_dir']}")
+    elif plan.mode == "online":
+        train_online(plan, workdir, on_metrics=sink.metrics, on_eval=sink.evals)
     else:
         train(plan, workdir, on_metrics=sink.metrics, on_eval=sink.evals)
 

@@ -23,6 +23,9 @@ from fmbpo_jax.envs.tasks import ACTION_DIMS_BY_ID, MAX_ACTION_DIM, MAX_OBS_DIM,
 from fmbpo_jax.world_model import WMConfig
 
 
+MODES = ("policy", "pretrain_wm", "demo", "online")
+
+
 class ConfigError(ValueError):
     """A config value that cannot run; the message names the flag."""
 
@@ -102,7 +105,7 @@ def _need(cond: bool, msg: str) -> None:
 
 def _validate_model(config) -> None:
     """What to train: mode, epochs, model and algorithm fields."""
-    _need(config.mode in ("policy", "pretrain_wm", "demo"), f"--config.mode={config.mode!r}: use policy | pretrain_wm | demo")
+    _need(config.mode in MODES, f"--config.mode={config.mode!r}: use {' | '.join(MODES)}")
     _need(config.epochs > 0, f"--config.epochs={config.epochs}: must be > 0")
     _need(config.alg.horizon >= 1, f"--config.alg.horizon={config.alg.horizon}: must be >= 1")
     _need(config.model.wm_substeps >= 1, f"--config.model.wm_substeps={config.model.wm_substeps}: K must be >= 1")
@@ -157,11 +160,41 @@ def _validate_runs(config) -> None:
         raise ConfigError(f"--config.data_parallel={data_parallel} needs --config.task_chunk=0 (got {config.task_chunk})")
 
 
+def _validate_online(config) -> None:
+    """Mode 'online': env steps, seeding, update rate, and the cadences that count env steps (whole episodes)."""
+    o = config.online
+    L = o.episode_length
+    _need(L > config.alg.horizon, f"--config.online.episode_length={L}: must be > --config.alg.horizon={config.alg.horizon}")
+    _need(o.env_steps > 0 and o.env_steps % L == 0,
+          f"--config.online.env_steps={o.env_steps}: must be a positive multiple of --config.online.episode_length={L}")
+    _need(L <= o.seed_steps < o.env_steps and o.seed_steps % L == 0,
+          f"--config.online.seed_steps={o.seed_steps}: must be a multiple of --config.online.episode_length={L}, at "
+          f"least one episode and below --config.online.env_steps={o.env_steps}")
+    _need(o.update_every > 0 and L % o.update_every == 0,
+          f"--config.online.update_every={o.update_every}: must divide --config.online.episode_length={L}")
+    per_call = o.utd * o.update_every
+    _need(o.utd > 0 and per_call >= 1 and abs(per_call - round(per_call)) < 1e-9,
+          f"--config.online.utd={o.utd}: utd * --config.online.update_every={o.update_every} must be a whole number >= 1")
+    _need(o.action_noise >= 0, f"--config.online.action_noise={o.action_noise}: must be >= 0")
+    _need(o.env_workers >= -1, f"--config.online.env_workers={o.env_workers}: -1 (in process), 0 (auto) or a count")
+    for flag, v in (("eval.freq", config.eval.freq), ("checkpoint_freq", config.checkpoint_freq),
+                    ("log_freq", config.log_freq)):
+        _need(v > 0 and v % L == 0, f"--config.{flag}={v}: in online mode a positive multiple of "
+                                    f"--config.online.episode_length={L} (env steps)")
+    _need(config.diagnostics.freq % L == 0, f"--config.diagnostics.freq={config.diagnostics.freq}: in online mode 0 "
+                                           f"or a multiple of --config.online.episode_length={L} (env steps)")
+    _need(config.finetune_wm, "--config.finetune_wm=False: online mode trains the world model on its buffer (set True)")
+    _need(_data_parallel(config) == 1 and config.task_chunk >= 0,
+          "online mode runs on one device: --config.data_parallel must be 1 and --config.task_chunk >= 0")
+
+
 def validate(config) -> None:
     """One-line errors naming the flag, before anything compiles (every check that needs only the config)."""
     _validate_model(config)
     _validate_mechanics(config)
     _validate_runs(config)
+    if config.mode == "online":
+        _validate_online(config)
 
 
 def _data_parallel(config) -> int:
@@ -338,6 +371,41 @@ class DemoPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnlinePlan:
+    """--config.online.* and the cadences of mode 'online', in env (agent) steps per run; chunks are whole episodes."""
+
+    env_steps: int
+    episode_length: int
+    seed_steps: int  # OU random actions, no updates
+    updates_per_call: int  # utd * update_every
+    update_every: int  # env steps between update calls
+    action_noise: float
+    ou_theta: float
+    ou_sigma: float
+    env_workers: int  # -1: in this process, 0: automatic
+    eval_freq: int
+    checkpoint_freq: int
+    log_freq: int
+    diagnostics_freq: int  # 0 = off
+
+    @property
+    def episodes(self) -> int:
+        return self.env_steps // self.episode_length
+
+    @property
+    def seed_episodes(self) -> int:
+        return self.seed_steps // self.episode_length
+
+    def updates_at(self, env_steps: int) -> int:
+        """Updates done after `env_steps` env steps: none while seeding, then updates_per_call per update_every steps."""
+        return max(0, env_steps - self.seed_steps) // self.update_every * self.updates_per_call
+
+    @property
+    def total_updates(self) -> int:
+        return self.updates_at(self.env_steps)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunPlan:
     """Everything a run needs, resolved and validated once (`RunPlan.from_config`); nothing after it reads the config.
 
@@ -346,7 +414,7 @@ class RunPlan:
     """
 
     name: str
-    mode: str  # 'policy' | 'pretrain_wm' | 'demo'
+    mode: str  # 'policy' | 'pretrain_wm' | 'demo' | 'online'
     spec: RunSpec
     pwm: pwm.PWMConfig
     behaviours: Mapping[str, Any] = dataclasses.field(hash=False)  # preset values with the --config.behaviour.* overrides
@@ -360,6 +428,7 @@ class RunPlan:
     diagnostics: DiagnosticsPlan
     pretrain: PretrainPlan
     demo: DemoPlan
+    online: OnlinePlan | None  # mode 'online' only
     checkpoint: str  # pretrained WM: a bundle directory or a file a reader understands ('' = none)
     task_chunk: int  # runs trained at once (0 = all, -1 = auto: the largest group that fits the memory budget)
     task_chunk_memory_gb: float  # task_chunk=-1's budget (0 = 90% of the device's)
@@ -375,16 +444,20 @@ class RunPlan:
         """Validate an ml_collections config (ConfigError naming the flag) and resolve it."""
         validate(config)
         beh = behaviours(config)
+        online = _online_plan(config) if config.mode == "online" else None
+        epochs = online.total_updates if online else int(config.epochs)  # online: the LR schedule's length in updates
         return cls(
-            name=config.name, mode=config.mode, spec=run_spec(config), pwm=pwm_config(config),
-            behaviours=types.MappingProxyType(dict(beh)), epochs=int(config.epochs), batch_size=int(config.alg.batch_size),
+            name=config.name, mode=config.mode, spec=run_spec(config),
+            pwm=dataclasses.replace(pwm_config(config), max_epochs=epochs),
+            behaviours=types.MappingProxyType(dict(beh)), epochs=epochs, batch_size=int(config.alg.batch_size),
             wm_batch_size=int(config.alg.wm_batch_size), precision=config.precision, cadence=_cadence(config),
             data=DataPlan(dataset_dir=config.data.dataset_dir, sampler=config.data.sampler,
                           device_budget_gb=float(config.data.device_budget_gb), host_threads=int(config.data.host_threads)),
             eval=_eval_plan(config, beh), diagnostics=DiagnosticsPlan(
                 num_groups=int(config.diagnostics.num_groups), num_probes=int(config.diagnostics.num_probes),
                 jac_samples=int(config.diagnostics.jac_samples)),
-            pretrain=_pretrain_plan(config.pretrain), demo=_demo_plan(config.demo), checkpoint=config.checkpoint,
+            pretrain=_pretrain_plan(config.pretrain), demo=_demo_plan(config.demo), online=online,
+            checkpoint=config.checkpoint,
             task_chunk=int(config.task_chunk), task_chunk_memory_gb=float(config.get("task_chunk_memory_gb", 0.0) or 0.0),
             data_parallel=_data_parallel(config), max_nan_skips=int(config.max_nan_skips),
             deterministic=bool(config.get("deterministic", False)), wandb_project=config.wandb.project,
@@ -456,6 +529,16 @@ def _demo_plan(d) -> DemoPlan:
     return DemoPlan(episodes_per_task=int(d.episodes_per_task), episode_length=int(d.episode_length),
                     exploration=d.exploration, ou_theta=float(d.ou_theta), ou_sigma=float(d.ou_sigma),
                     joint_model_lr=float(d.joint_model_lr))
+
+
+def _online_plan(config) -> OnlinePlan:
+    o = config.online
+    return OnlinePlan(env_steps=int(o.env_steps), episode_length=int(o.episode_length), seed_steps=int(o.seed_steps),
+                      updates_per_call=int(round(o.utd * o.update_every)), update_every=int(o.update_every),
+                      action_noise=float(o.action_noise), ou_theta=float(o.ou_theta), ou_sigma=float(o.ou_sigma),
+                      env_workers=int(o.env_workers), eval_freq=int(config.eval.freq),
+                      checkpoint_freq=int(config.checkpoint_freq), log_freq=int(config.log_freq),
+                      diagnostics_freq=int(config.diagnostics.freq))
 
 
 def as_plan(config_or_plan) -> RunPlan:

@@ -158,6 +158,7 @@ class Evaluation:
             best["wm"] = state.train.wm
         self.best = axis.place_unpadded(jax.tree_util.tree_map(jnp.array, best))  # own buffers: the state is donated
         self.thread: EvalThread | None = None
+        self.clock = "epoch"  # what the `epoch` arguments count ('env step' in online training)
 
     def start(self) -> None:
         """Start the evaluators (env worker processes); without episodes there are none."""
@@ -168,7 +169,8 @@ class Evaluation:
         plan, spec = self.plan, self.plan.spec
         policy = program.make_policy_fn(plan.pwm, shared_wm=not self.finetune, apply_masks=bool(plan.behaviours["action_masks"]))
         evs = {pos: Evaluator(policy, [spec.task_ids[p] for p in pos], episodes=plan.eval.episodes,
-                              num_workers=plan.eval.workers or None, max_steps=plan.eval.max_steps)
+                              num_workers={-1: 0, 0: None}.get(plan.eval.workers, plan.eval.workers),
+                              max_steps=plan.eval.max_steps)
                for pos in dict.fromkeys(pos for _, pos in self.groups)}
         return EvalThread(evs, self.groups, spec.seeds, plan.eval.seed, plan.eval.background)
 
@@ -233,7 +235,7 @@ class Evaluation:
         self.recorded_epoch = epoch
         if self.on_eval:
             self.on_eval(rows)
-        self.log(f"[eval epoch {epoch}] mean return {returns.mean():.1f} over {spec.num_runs} runs")
+        self.log(f"[eval {self.clock} {epoch}] mean return {returns.mean():.1f} over {spec.num_runs} runs")
 
     def close(self) -> None:
         if self.thread is not None:

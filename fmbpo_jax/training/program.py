@@ -9,6 +9,7 @@ runs (in_axes=None). Also here: the evaluation policy, the diagnostics program a
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -202,8 +203,10 @@ def make_diagnostics_fn(cfg: pwm.PWMConfig, batch_size: int, num_groups: int, nu
     return jax.jit(all_runs)
 
 
+@functools.lru_cache(maxsize=16)
 def make_policy_fn(cfg: pwm.PWMConfig, shared_wm: bool, apply_masks: bool) -> Callable:
-    """Deterministic evaluation policy for the batched evaluator.
+    """Deterministic evaluation policy for the batched evaluator (one function per setting: the evaluators' jit of it
+    compiles once per process).
 
     policy(bundle, obs [N, 24], task_ids [N]) -> tanh actions [N, 6]; bundle = {'actor': [T, ...],
     'wm': shared or [T, ...]}, slots task-major (slot i belongs to bundle row i // (N / T)), as the

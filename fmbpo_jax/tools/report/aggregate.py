@@ -146,31 +146,38 @@ def collect(run_dirs: list[str], gpus_per_run: float = 1.0) -> dict:
     return {"variants": variants, "runs": runs, "warnings": warnings, "gpus_per_run": gpus_per_run}
 
 
+def x_value(row: dict) -> int:
+    """A log row's x: its env steps (online runs, mode 'online') or its epoch."""
+    return int(row["env_steps"] if "env_steps" in row else row["epoch"])
+
+
 def _epoch_lists(rows, keys) -> dict[str, dict[int, list[float]]]:
-    """key -> epoch -> finite values of that key over the rows."""
+    """key -> x (`x_value`: env steps or epoch) -> finite values of that key over the rows."""
     out: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         for k in keys(r):
             x = r[k]
             if isinstance(x, (int, float)) and x is not None and math.isfinite(x):
-                out[k][int(r["epoch"])].append(float(x))
+                out[k][x_value(r)].append(float(x))
     return {k: dict(d) for k, d in out.items()}
 
 
 def curves(members: list[dict]) -> dict:
-    """eval[task][epoch] -> [returns over seeds]; loss[key][epoch] -> [values over runs]; diagnostics likewise."""
+    """eval[task][x] -> [returns over seeds]; loss[key][x] -> [values over runs]; diagnostics likewise; 'x': the x axis,
+    'env steps' when the rows have an env_steps column (online runs), else 'epoch'."""
     ev: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     seen = set()
     for m in members:
         for r in m["evals"]:
-            k = (r["task"], int(r["seed"]), r["epoch"])
+            k = (r["task"], int(r["seed"]), x_value(r))
             if k in seen:
                 continue
             seen.add(k)
-            ev[r["task"]][int(r["epoch"])].append(float(r["episode_reward"]))
+            ev[r["task"]][x_value(r)].append(float(r["episode_reward"]))
     metrics = [r for m in members for r in m["metrics"]]
     diagnostics = [r for m in members for r in m.get("diagnostics", [])]
-    skip = ("epoch", "task", "seed", "total_time")
-    return {"eval": {t: dict(d) for t, d in ev.items()},
+    skip = ("epoch", "env_steps", "episode", "task", "seed", "total_time")
+    online = any("env_steps" in r for m in members for r in m["evals"] + m["metrics"])
+    return {"x": "env steps" if online else "epoch", "eval": {t: dict(d) for t, d in ev.items()},
             "loss": _epoch_lists(metrics, lambda r: [k for k in LOSS_KEYS if k in r and r[k] is not None]),
             "diagnostics": _epoch_lists(diagnostics, lambda r: [k for k in r if k not in skip])}

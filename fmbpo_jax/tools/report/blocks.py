@@ -42,10 +42,12 @@ def _runs_section(data: dict) -> list[tuple]:
     rows = []
     for r in data["runs"]:
         c = r["config"]
-        total = c.get('epochs', '?') if c.get('mode', 'policy') == 'policy' else cfg_get(c, 'pretrain.iters', '?')
+        mode = c.get('mode', 'policy')
+        total = {'pretrain_wm': cfg_get(c, 'pretrain.iters', '?'), 'online': cfg_get(c, 'online.env_steps', '?')}.get(
+            mode, c.get('epochs', '?'))
         rows.append([r["workdir"], variant_label(c), str(c.get("phase", 0)), str(len(r["runs"])),
-                     f"{r['epochs_done']}/{total}", "complete" if r["complete"] else "incomplete"])
-    B.append(("table", ["run directory", "variant", "phase", "runs", "epochs done", "status"], rows))
+                     f"{r.get('env_steps_done', r['epochs_done'])}/{total}", "complete" if r["complete"] else "incomplete"])
+    B.append(("table", ["run directory", "variant", "phase", "runs", "epochs (online: env steps) done", "status"], rows))
     return B + [("p", "Warning: " + w) for w in data["warnings"]]
 
 
@@ -135,7 +137,8 @@ def _diagnostics_section(diag: dict) -> list[tuple]:
         for k in DIAG_KEYS:
             if k in d and d[k]:
                 e0, e1 = min(d[k]), max(d[k])
-                cells.append(f"{np.median(d[k][e0]):.3g} → {np.median(d[k][e1]):.3g} (epochs {e0} → {e1})")
+                x = "env steps" if v["curves"].get("x") == "env steps" else "epochs"
+                cells.append(f"{np.median(d[k][e0]):.3g} → {np.median(d[k][e1]):.3g} ({x} {e0} → {e1})")
             else:
                 cells.append("–")
         rows.append(cells)
@@ -161,7 +164,7 @@ def build_blocks(data: dict, figs: dict[str, str]) -> list[tuple]:
     """The report as blocks (see the module docstring), section by section."""
     V = data["variants"]
     B = _runs_section(data)
-    policy = {k: v for k, v in V.items() if v["mode"] == "policy"}
+    policy = {k: v for k, v in V.items() if v["mode"] != "pretrain_wm"}  # policy training, offline or online
     if policy:
         B += _aggregate_section(policy) + _per_task_section(policy) + _timing_section(policy)
         B += _compute_section(policy, data["gpus_per_run"])

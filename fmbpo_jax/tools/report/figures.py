@@ -28,6 +28,12 @@ def _colors(n: int):
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _x_label(policy: dict) -> str:
+    """'env steps' when every variant's curves are in env steps (online runs), else 'epoch'."""
+    xs = {v["curves"].get("x", "epoch") for v in policy.values()}
+    return xs.pop() if len(xs) == 1 else "epoch (offline) / env steps (online)"
+
+
 def _eval_curves(plt, policy: dict, colors: dict, tasks: list[str], out: str) -> str:
     """One panel per task: mean +- std over seeds of the evaluation return vs epoch per variant; dashed: reference."""
     ncol = min(5, len(tasks))
@@ -48,7 +54,7 @@ def _eval_curves(plt, policy: dict, colors: dict, tasks: list[str], out: str) ->
             if ref is not None:
                 ax.axhline(ref, color=colors[label], ls="--", lw=0.8)
         ax.set_title(t, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_xlabel(_x_label(policy), fontsize=8)
         ax.set_ylabel("eval return", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(tasks):]:
@@ -100,7 +106,7 @@ def _pretrain_loss(plt, pre: dict, colors: dict, out: str) -> str:
 def make_figures(data: dict, out: str) -> dict[str, str]:
     """Write the PNGs; returns {name: path}."""
     plt = _plt()
-    policy = {k: v for k, v in data["variants"].items() if v["mode"] == "policy"}
+    policy = {k: v for k, v in data["variants"].items() if v["mode"] != "pretrain_wm"}  # offline or online
     figs: dict[str, str] = {}
     colors = dict(zip(data["variants"], _colors(len(data["variants"]))))
     tasks = sorted({t for v in policy.values() for t in v["tasks"]}, key=task_order)
@@ -138,7 +144,7 @@ def _curve_grid(plt, policy: dict, colors: dict, kind: str, keys: list[str], tit
             ax.plot(ep, med, color=colors[label], label=label, lw=1.2, marker="." if len(ep) < 20 else None)
             ax.fill_between(ep, q1, q3, color=colors[label], alpha=0.2, lw=0)
         ax.set_title(k, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_xlabel(_x_label(policy), fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")

@@ -28,11 +28,15 @@ def load_run(workdir: str) -> dict:
         "pretrain": read_jsonl(os.path.join(workdir, "pretrain.jsonl")),
         "diagnostics": read_jsonl(os.path.join(workdir, "diagnostics.jsonl")),
     }
-    run["complete"] = bool(run["results"]) if config.get("mode", "policy") == "policy" else bool(run["pretrain"])
+    run["complete"] = bool(run["pretrain"]) if config.get("mode", "policy") == "pretrain_wm" else bool(run["results"])
     run["runs"] = sorted({(r["task"], int(r["seed"])) for r in run["metrics"]} | {(r["task"], int(r["seed"])) for r in run["results"]})
     chunk = int(config.get("chunk_epochs", 1) or 1)
     epochs = int(config.get("epochs", 0))
-    if run["metrics"]:
+    if run["metrics"] and config.get("mode") == "online":  # online: one row per episode; epoch = updates done
+        run["env_steps_done"] = max(int(r["env_steps"]) for r in run["metrics"])
+        run["epochs_done"] = max(int(r["epoch"]) for r in run["metrics"])
+        run["total_time"] = max(float(r.get("total_time", 0.0)) for r in run["metrics"])
+    elif run["metrics"]:
         last = max(r["epoch"] for r in run["metrics"])
         # rows are written after the chunk that holds them, with the time at the end of that chunk
         run["epochs_done"] = min(epochs, (last // chunk + 1) * chunk) if epochs else last + 1
@@ -62,6 +66,8 @@ def variant_label(config: dict) -> str:
         return f"p{phase} {wm_s} pretraining | {size}"
     act_s = f"flow actor ({aint} K{ak})" if actor == "flow" else "Gaussian actor"
     ep = f"{epochs // 1000}k" if epochs >= 1000 and epochs % 1000 == 0 else str(epochs)
+    if mode == "online":
+        return f"online {wm_s} + {act_s} | {preset} | {size}"
     return f"p{phase} {wm_s} + {act_s} | {'fine-tuned' if ft else 'frozen'} WM | {preset} | {ep} ep | {size}"
 
 
