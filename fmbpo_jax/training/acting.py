@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmbpo_jax import actors, nets, pwm
+from fmbpo_jax import actors, mathops, nets, pwm
 from fmbpo_jax import world_model as wm
 from fmbpo_jax.data.generate import random_actions
 from fmbpo_jax.envs.tasks import ACTION_DIMS_BY_ID, MAX_ACTION_DIM
@@ -58,7 +58,7 @@ def make_act_fn(cfg: pwm.PWMConfig, noise_std: float) -> Callable:
     def one(train, obs, task, key, step):
         k_act, k_noise = jax.random.split(jax.random.fold_in(key, step))
         z = wm.encode(cfg.wm, train.wm, obs[None], task)
-        a = jnp.tanh(actors.action(cfg.actor, train.actor, z, k_act))[0]
+        a = mathops.tanh(actors.action(cfg.actor, train.actor, z, k_act))[0]
         a = a + noise_std * jax.random.normal(k_noise, a.shape, a.dtype)
         return jnp.clip(a, -1.0, 1.0) * masks[task]
 
