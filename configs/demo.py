@@ -9,12 +9,9 @@ until 2026-11, was dropped: no variant ever learned it here (trained = untrained
 from configs.base import get_config as base_config
 
 
-def get_config():
-    c = base_config()
-    c.name = "demo"
-    c.mode = "demo"
-    c.tasks = "cartpole-swingup,pendulum-spin"
-    c.seeds = "1"
+def small_size(c) -> None:
+    """The demo's small widths and a lighter MPPI than TD-MPC2's 6 x 512 samples (the planning evaluation takes
+    seconds on a CPU); configs/online.py's `_small` variants take them too."""
     c.model.size = "custom"
     c.model.latent_dim = 64
     c.model.encoder_units = (128,)
@@ -23,6 +20,19 @@ def get_config():
     c.model.task_dim = 16
     c.model.actor_units = (64, 64)
     c.model.critic_units = (64, 64)
+    c.eval.mppi_samples = 64
+    c.eval.mppi_elites = 8
+    c.eval.mppi_policy_trajs = 8
+    c.eval.mppi_iterations = 3
+
+
+def get_config():
+    c = base_config()
+    c.name = "demo"
+    c.mode = "demo"
+    c.tasks = "cartpole-swingup,pendulum-spin"
+    c.seeds = "1"
+    small_size(c)
     c.alg.batch_size = 128
     c.alg.horizon = 8
     c.alg.wm_batch_size = 64
@@ -36,11 +46,6 @@ def get_config():
     c.eval.freq = 500
     c.eval.episodes = 8  # 4 are too noisy to tell a policy from random on cartpole-swingup
     c.eval.background = False
-    # a lighter MPPI than TD-MPC2's 6 x 512 samples, so the planning evaluation takes seconds on a CPU
-    c.eval.mppi_samples = 64
-    c.eval.mppi_elites = 8
-    c.eval.mppi_policy_trajs = 8
-    c.eval.mppi_iterations = 3
     # 6,000 pretraining iterations (~2 min here): with 2,000 a WM on 100 episodes per task was under-fitted and every
     # cartpole-swingup policy on it ended at the degenerate ~130 (4 of 4 seeds, also at H=16); with 6,000, on the
     # same data, 4 of 4 learned (final 195-294)

@@ -10,30 +10,20 @@ CPU benchmark of docs/online.md ran.
         --config.tasks=cartpole-swingup,reacher-easy,walker-stand,cup-catch,pendulum-spin --config.seeds=1,2,3
 """
 from configs.base import get_config as base_config
+from configs.demo import small_size
 
 VARIANTS = ("mlp", "flow", "mlp_small", "flow_small")
 TDMPC2_TASKS = "cartpole-swingup,reacher-easy,walker-stand,cup-catch,pendulum-spin"
 
 
 def _small(c) -> None:
-    """The demo's widths (configs/demo.py) and a light MPPI: what a 2-core CPU affords."""
-    c.model.size = "custom"
-    c.model.latent_dim = 64
-    c.model.encoder_units = (128,)
-    c.model.units = (128, 128)
-    c.model.flow_units = (128, 128)
-    c.model.task_dim = 16
-    c.model.actor_units = (64, 64)
-    c.model.critic_units = (64, 64)
+    """The demo's widths and light MPPI (configs/demo.py), batch 128, horizon 8: what a 2-core CPU affords."""
+    small_size(c)
     c.alg.batch_size = 128
     c.alg.horizon = 8
     c.alg.wm_batch_size = 128
     c.alg.critic_iterations = 4
     c.eval.episodes = 5
-    c.eval.mppi_samples = 64
-    c.eval.mppi_elites = 8
-    c.eval.mppi_policy_trajs = 8
-    c.eval.mppi_iterations = 3
 
 
 def get_config(variant: str = "mlp"):
