@@ -162,6 +162,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (bfloat16 matmul operands with float32 accumulation, params, norms and optimizer: nets.bf16_matmul)
     c.remat = False  # recompute rollout/integrator steps in the backward pass: far less activation memory (48M flow
     # WM fine-tuning), ~1.3x the compute of those steps; results unchanged
+    c.remat_policy = ""  # what the rollout scans keep for the backward pass: '' = follow c.remat (False: 'all',
+    # True: 'step'); 'all' (every activation, stacked over H) | 'step' (= remat True) | 'matmul_inputs' (only the
+    # matmul operands, bf16 under precision bf16; LayerNorm/Mish/SimNorm/softmax recomputed). Same numbers in all three
     c.deterministic = False  # XLA deterministic ops on GPU (slower)
     c.max_nan_skips = 100  # stop when a run skipped this many consecutive updates for NaN/Inf
     # ---- diagnostics (fmbpo_jax.diagnostics; off by default): written to diagnostics.jsonl

@@ -12,9 +12,16 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 LN_EPS = 1e-5
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# checkpoint_name of every matmul's activation operand (bf16 after the cast under compute_dtype='bfloat16'): the
+# names the 'matmul_inputs' remat policy saves. Outside a jax.checkpoint the name is an identity that lowers to
+# nothing (tests/test_remat_policy.py compares the compiled HLO).
+MATMUL_INPUT = "matmul_input"
+# what a rematerialised rollout scan keeps for its backward pass (PWMConfig.remat, --config.remat_policy)
+REMAT_POLICIES = ("all", "step", "matmul_inputs")
 
 
 def check_compute_dtype(compute_dtype: str, owner: str) -> None:
@@ -35,7 +42,9 @@ def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _bf16_matmul_fwd(x, w):
-    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    # named here, inside the rule, so that a 'matmul_inputs' checkpoint keeps the bf16 residual (half the f32
+    # bytes); tagging x before the cast would round the input's cotangent to bf16
+    xb, wb = checkpoint_name(x.astype(jnp.bfloat16), MATMUL_INPUT), w.astype(jnp.bfloat16)
     return jnp.matmul(xb, wb, preferred_element_type=jnp.float32), (xb, wb)
 
 
@@ -71,20 +80,49 @@ bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 def matmul(x: jax.Array, w: jax.Array, compute_dtype: str = "float32") -> jax.Array:
     """x [..., K] @ w [K, N] in float32, or with bf16 operands (`bf16_matmul`) when compute_dtype='bfloat16'."""
     if compute_dtype == "bfloat16":
-        return bf16_matmul(x, w)
-    return x @ w
+        return bf16_matmul(x, w)  # names its bf16 operand itself
+    return checkpoint_name(x, MATMUL_INPUT) @ w
 
 
 def _dense_dot_general(compute_dtype: str) -> Callable:
     """A `dot_general` for nn.Dense that routes its (last axis x kernel) contraction through `matmul`."""
     if compute_dtype == "float32":
-        return jax.lax.dot_general
+        def dot_general_f32(x, kernel, *args, **kwargs):
+            return jax.lax.dot_general(checkpoint_name(x, MATMUL_INPUT), kernel, *args, **kwargs)
+
+        return dot_general_f32
 
     def dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
         del dimension_numbers, precision, preferred_element_type  # nn.Dense: last axis of x with axis 0 of kernel
         return matmul(x, kernel, compute_dtype)
 
     return dot_general
+
+
+def remat_scan_body(body: Callable, policy: str) -> Callable:
+    """A rollout scan's step as the backward pass should see it, by what it keeps (one of REMAT_POLICIES).
+
+    'all': the step as is (every intermediate saved, stacked over the H steps); 'step': only the step's carry
+    and inputs, the whole step recomputed in the backward pass; 'matmul_inputs': the operands of its matmuls
+    (MATMUL_INPUT, bf16 under bf16 compute) saved, the elementwise work between them (LayerNorm, Mish,
+    SimNorm, softmax, tanh) recomputed. All three give the same numbers: recomputation, not approximation.
+    """
+    if policy == "all":
+        return body
+    if policy == "step":
+        return jax.checkpoint(body)
+    if policy == "matmul_inputs":
+        return jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(MATMUL_INPUT))
+    raise ValueError(f"remat policy {policy!r}; allowed: {REMAT_POLICIES}")
+
+
+def remat_policy(remat: bool | str) -> str:
+    """The policy name of a remat setting: False -> 'all', True -> 'step' (the old boolean), names unchanged."""
+    if isinstance(remat, bool):
+        return "step" if remat else "all"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; allowed: True, False or one of {REMAT_POLICIES}")
+    return remat
 
 
 # Mish above this input is x to float32 precision (torch's softplus also returns x above 20).

@@ -73,9 +73,13 @@ class PWMConfig:
     critic_betas: tuple[float, float] = CRITIC_ADAM
     wm_betas: tuple[float, float] = WM_ADAM
     adam_eps: float = 1e-8
-    remat: bool = False  # recompute each rollout step's activations in the backward pass (memory, not results)
+    # what the rollout scans keep for the backward pass (memory/speed, not results): 'all' | 'step' (recompute each
+    # step from its carry) | 'matmul_inputs' (keep the matmul operands, recompute the elementwise work); the old
+    # booleans False / True are 'all' / 'step' (nets.remat_policy, normalised in __post_init__)
+    remat: bool | str = "all"
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", nets.remat_policy(self.remat))
         checks = {
             "reward_loss": ("mse_bins", "two_hot_ce"), "critic_target": ("one_step", "td_lambda"),
             "terminal_discount": ("gamma_h_plus_1", "gamma_h"), "wm_updates": ("policy_batch", "iterations"),
@@ -197,13 +201,14 @@ def _flow_taus(cfg: WMConfig, shape: tuple[int, int], dtype, tau_sampling: str, 
 
 def wm_loss(cfg: WMConfig, params: Params, obs, action, reward, task, key=None, *, gamma: float = 0.99,
             reward_loss: str = "mse_bins", tau_sampling: str = "uniform", taus=None, teacher_forcing: bool = False,
-            remat: bool = False):
+            remat: bool | str = "all"):
     """World-model loss (spec 2.2): autoregressive latent rollout with stop-gradient encoder targets.
 
     obs [H+1, B, O], action [H, B, A], reward [H, B, 1] or [H, B], task: scalar or [B] ids.
     Flow: tau ~ U[0,1] per (step, sample) from `key`, 0.5 ('midpoint'), or given `taus` [H, B, 1].
-    remat: keep only each step's carry for the backward pass and recompute the step (all its integrator
-    substeps) there: activation memory of one step instead of H (a 48M flow WM at K=4 otherwise needs GBs).
+    remat: what each step keeps for the backward pass (nets.remat_scan_body): 'step' keeps only its carry and
+    recomputes the step (all its integrator substeps), activation memory of one step instead of H (a 48M flow WM
+    at K=4 otherwise needs GBs); 'matmul_inputs' keeps the matmul operands; True / False = 'step' / 'all'.
     Returns (total, {'dynamics_loss', 'reward_loss'}) with total = (dyn + rew) / H and the parts / H.
     """
     horizon = action.shape[0]
@@ -237,7 +242,8 @@ def wm_loss(cfg: WMConfig, params: Params, obs, action, reward, task, key=None, 
                 loss_t = jnp.mean(jnp.square(z_next - target)) * disc
             return z_next, (loss_t, z)
 
-        _, (dyn_t, zs) = jax.lax.scan(jax.checkpoint(body) if remat else body, z0, (action, targets, taus, discounts))
+        step = nets.remat_scan_body(body, nets.remat_policy(remat))
+        _, (dyn_t, zs) = jax.lax.scan(step, z0, (action, targets, taus, discounts))
     dyn = jnp.sum(dyn_t)
     logits = wm.reward_logits(cfg, params, zs, action, task)  # [H, B, bins], from the CURRENT z and a
     if reward_loss == "mse_bins":
@@ -312,7 +318,7 @@ def actor_loss(cfg: PWMConfig, actor_params: Params, wm_params: Params, critic_p
     draws = (jax.random.split(key, H), None) if eps is None else (None, jnp.asarray(eps, z0.dtype))
     # The running discount is a float32 tensor in the reference, also when its model runs in float64.
     init = (z0, jnp.ones((), jnp.float32), jnp.zeros(obs0.shape[:-1], z0.dtype))
-    step = jax.checkpoint(body) if cfg.remat else body  # remat: see wm_loss
+    step = nets.remat_scan_body(body, cfg.remat)  # remat: see wm_loss
     (z_h, disc, ret), (states, rewards, next_values) = jax.lax.scan(step, init, draws, length=H)
     v_h = critic.min_value(cfg.critic, critic_params, z_h)  # terminal value, gradient to the actor through z_H
     terminal = cfg.gamma * disc if cfg.terminal_discount == "gamma_h_plus_1" else disc  # B7

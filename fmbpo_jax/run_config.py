@@ -20,6 +20,7 @@ from fmbpo_jax.actors import ActorConfig
 from fmbpo_jax.critic import CriticConfig
 from fmbpo_jax.envs.planner import MPPIConfig
 from fmbpo_jax.envs.tasks import ACTION_DIMS_BY_ID, MAX_ACTION_DIM, MAX_OBS_DIM, MT30_TASKS
+from fmbpo_jax.nets import REMAT_POLICIES, remat_policy
 from fmbpo_jax.world_model import WMConfig
 
 
@@ -129,6 +130,11 @@ def _validate_mechanics(config) -> None:
     _need(d.freq == 0 or (d.num_groups >= 2 and config.alg.batch_size % d.num_groups == 0),
           f"--config.diagnostics.num_groups={d.num_groups}: must be >= 2 and divide --config.alg.batch_size={config.alg.batch_size}")
     _need(config.precision in ("float32", "tf32", "bf16"), f"--config.precision={config.precision!r}: use float32 | tf32 | bf16")
+    policy = config.get("remat_policy", "")
+    _need(policy in ("",) + REMAT_POLICIES,
+          f"--config.remat_policy={policy!r}: use {' | '.join(REMAT_POLICIES)} (or '' to follow --config.remat)")
+    _need(not (config.remat and policy == "all"),
+          "--config.remat=True contradicts --config.remat_policy='all' (keep everything): drop one of them")
     _need(config.data.sampler in ("auto", "device", "host"), f"--config.data.sampler={config.data.sampler!r}: use auto | device | host")
     _need(config.data.host_threads >= 1, f"--config.data.host_threads={config.data.host_threads}: must be >= 1")
     pre = config.pretrain
@@ -237,8 +243,13 @@ def pwm_config(config, wm_cfg: WMConfig | None = None) -> pwm.PWMConfig:
         actor_grad_clip=alg.actor_grad_clip, critic_grad_clip=alg.critic_grad_clip, wm_grad_clip=alg.wm_grad_clip,
         critic_iterations=alg.critic_iterations, critic_batches=alg.critic_batches, wm_iterations=alg.wm_iterations,
         ret_rms=alg.ret_rms, finetune_wm=config.finetune_wm, tau_sampling=alg.tau_sampling,
-        teacher_forcing=alg.teacher_forcing, action_dims=tuple(ACTION_DIMS_BY_ID), remat=bool(config.remat),
+        teacher_forcing=alg.teacher_forcing, action_dims=tuple(ACTION_DIMS_BY_ID), remat=remat_setting(config),
         **{name: value for name, value in beh.items() if name in PWM_BEHAVIOUR_FIELDS})
+
+
+def remat_setting(config) -> str:
+    """The rollout scans' remat policy: --config.remat_policy, or --config.remat's False / True as 'all' / 'step'."""
+    return config.get("remat_policy", "") or remat_policy(bool(config.remat))
 
 
 # behaviours that live in the algorithm config (the rest act in the data sampler, evaluation or WM architecture)

@@ -10,7 +10,9 @@ import os
 
 import pytest
 
+from fmbpo_jax import run_config
 from fmbpo_jax.tools import bench
+from fmbpo_jax.tools.bench import plan
 
 
 def test_summarize_trace_ranks_program_ops_and_names_their_source():
@@ -30,6 +32,11 @@ def test_summarize_trace_ranks_program_ops_and_names_their_source():
 def test_cli_arguments():
     a = bench.parse_args(["--variant", "main", "--tasks", "1,30", "--precision", "fp32-highest,bf16", "--remat", "on"])
     assert a.variants == list(bench.MAIN_VARIANTS) and a.task_counts == [1, 30] and a.precisions == ["fp32-highest", "bf16"]
+    assert [bench.parse_args(["--remat", r]).remat for r in ("off", "matmul_inputs")] == ["off", "matmul_inputs"]
+    configs = {r: plan.row_config(bench.parse_args(["--remat", r]), "baseline-frozen", "tiny", "bf16")
+               for r in ("off", "on", "matmul_inputs")}
+    assert {r: (c.remat, run_config.remat_setting(c)) for r, c in configs.items()} == \
+        {"off": (False, "all"), "on": (True, "step"), "matmul_inputs": (False, "matmul_inputs")}
     for bad in (["--variant", "nope"], ["--tasks", "31"], ["--precision", "fp8"], ["--remat", "maybe"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)

@@ -36,7 +36,8 @@ Other switches: ``--breakdown`` (``breakdown``), ``--min-call-seconds``, ``--com
 limit cuts the least important ones; CHUNK is that row's ``--task-chunk``), ``--task-chunk`` /
 ``--finetune-task-chunk`` (lax.map the run axis for memory), ``--max-seconds`` (skip rows not started in time),
 ``--batch-size/--horizon/--critic-iterations`` (shrink for tests), ``--profile DIR`` (``profile``),
-``--remat on`` (recompute the rollout steps in the backward pass, ``--config.remat``), ``--vmap-check``
+``--remat on|matmul_inputs`` (what the rollout scans keep for the backward pass, ``--config.remat_policy``:
+``on`` = ``step`` recomputes each step, ``matmul_inputs`` keeps only the matmul operands; ``off`` = ``all``), ``--vmap-check``
 (``vmap_check``).
 
 Modules: catalog (variants, precisions, reference speeds, a row's config), device (device info, peak matmul),

@@ -13,7 +13,7 @@ from jax._src import xla_bridge  # no public API tells whether the backends have
 from fmbpo_jax.tools.bench.catalog import MAIN_VARIANTS, PRECISIONS, VARIANTS
 from fmbpo_jax.tools.bench.device import default_peak_shape, device_info, measure_peaks
 from fmbpo_jax.tools.bench.output import derived_vmap_ratios, format_rows, write_results
-from fmbpo_jax.tools.bench.plan import error_text, plan_row, row_base
+from fmbpo_jax.tools.bench.plan import REMAT_POLICY_OF, error_text, plan_row, row_base
 from fmbpo_jax.tools.bench.schedule import leftover_compiles, run_rows
 from fmbpo_jax.tools.bench.vmap_check import vmap_checks
 
@@ -28,8 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="1", help="tasks in one program (1..30); comma-separated for several rows, e.g. 1,30")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--precision", default="fp32-highest", help="comma-separated: " + ", ".join(PRECISIONS))
-    p.add_argument("--remat", choices=("on", "off"), default="off",
-                   help="rematerialisation of the rollout scans (--config.remat): activation memory of one step")
+    p.add_argument("--remat", choices=tuple(REMAT_POLICY_OF), default="off",
+                   help="what the rollout scans keep for the backward pass (--config.remat_policy): off = all (every "
+                        "activation), on = step (recompute each step from its carry: activation memory of one step), "
+                        "matmul_inputs (only the matmul operands, bf16 under bf16)")
     p.add_argument("--epochs-per-call", type=int, default=2)
     p.add_argument("--timed-calls", type=int, default=3)
     p.add_argument("--json", default="", help="write all rows and the run's metadata to this file (after every row)")

@@ -54,6 +54,10 @@ def row_label(row: dict) -> str:
     return f"{row['variant']} size={row['size']} tasks={row['tasks']} seeds={row['seeds']} precision={row['precision']}"
 
 
+# --remat: the old on / off (kept for the rows' schema and old command lines) and the policy names themselves
+REMAT_POLICY_OF = {"off": "all", "on": "step", "all": "all", "step": "step", "matmul_inputs": "matmul_inputs"}
+
+
 def row_base(args, variant, size, tasks, precision) -> dict:
     """The fields that name a row (also written for rows that fail before they are planned)."""
     return {"variant": variant, "size": size if not os.path.isfile(size) else os.path.basename(size), "tasks": tasks,
@@ -65,7 +69,8 @@ def row_config(args, variant: str, size: str, precision: str):
     """The row's ml_collections config: the variant at this size, precision and --remat, with the CLI's overrides."""
     config = build_config(size, variant, args.preset, args.wm_updates, args.batch_size, args.horizon, args.critic_iterations)
     config.precision = CONFIG_PRECISION[precision]  # bf16: bf16 matmul operands
-    config.remat = args.remat == "on"
+    config.remat_policy = REMAT_POLICY_OF[args.remat]
+    config.remat = config.remat_policy == "step"  # the old boolean, for the rows' configs as before
     return config
 
 
