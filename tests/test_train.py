@@ -201,6 +201,10 @@ def test_out_of_device_memory_names_the_flags_that_shrink_the_step(tiny_store, t
     advice = lifecycle.out_of_memory_advice(oom, runs=30, task_chunk=10, remat=True)
     assert "10 of 30 runs" in advice and "--config.task_chunk=5" in advice and "remat=True (" not in advice
     assert lifecycle.out_of_memory_advice(RuntimeError("INTERNAL: something else"), runs=30, task_chunk=0, remat=False) is None
+    # the middle policy: suggest the step policy, not itself
+    advice = lifecycle.out_of_memory_advice(oom, runs=30, task_chunk=0, remat="matmul_inputs")
+    assert "remat=True (" in advice and "remat_policy=matmul_inputs (" not in advice and "'matmul_inputs'" in advice
+    assert "remat_policy=matmul_inputs (" in lifecycle.out_of_memory_advice(oom, runs=30, task_chunk=0, remat="all")
 
 
 def test_deterministic_flag_is_set_before_jax_starts_or_warns(monkeypatch):

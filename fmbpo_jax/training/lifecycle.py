@@ -107,10 +107,11 @@ def run_chunks(done: int, total: int, chunk: int, step: Callable[[int, int], Non
     return done, False
 
 
-def out_of_memory_advice(err: BaseException, runs: int, task_chunk: int, remat: bool) -> str | None:
+def out_of_memory_advice(err: BaseException, runs: int, task_chunk: int, remat: bool | str) -> str | None:
     """What to change after XLA's RESOURCE_EXHAUSTED (compile or first call of the training chunk); None for other errors.
 
-    runs: runs per device (padded); task_chunk: --config.task_chunk (0 = all runs vmapped at once).
+    runs: runs per device (padded); task_chunk: --config.task_chunk (0 = all runs vmapped at once); remat: the
+    rollout's remat policy ('all' | 'matmul_inputs' | 'step'; False / True mean 'all' / 'step').
     Why a message of our own: XLA's names only the allocation ("... 164.02GiB ... jit_chunk"), not the flags
     that set it, and on one 80 GB GPU 48M full flow x 30 tasks needs --config.task_chunk=3 (README, Memory).
     """
@@ -123,11 +124,15 @@ def out_of_memory_advice(err: BaseException, runs: int, task_chunk: int, remat: 
         fixes.append(f"--config.task_chunk={max(1, at_once // 2)} (runs trained at once, lax.map over the rest; "
                      "same numbers, activation memory roughly proportional), or --config.task_chunk=-1 to measure "
                      "and take the largest group that fits")
-    if not remat:
-        fixes.append("--config.remat=True (recompute each rollout step in the backward pass; same numbers)")
+    policy = {False: "all", True: "step"}.get(remat, remat)
+    if policy == "all":
+        fixes.append("--config.remat_policy=matmul_inputs (keep only the matmul inputs for the backward pass; same "
+                     "numbers up to rounding)")
+    if policy != "step":
+        fixes.append("--config.remat=True (recompute each rollout step in the backward pass; the least memory)")
     fixes.append("fewer runs per job (--config.tasks / --config.seeds)")
     first = text.strip().splitlines()[0][:300] if text.strip() else type(err).__name__
     return (f"out of device memory in the training step with {at_once} of {runs} runs per device at once "
-            f"(--config.task_chunk={task_chunk}, --config.remat={remat}): {first}\n"
+            f"(--config.task_chunk={task_chunk}, remat policy {policy!r}): {first}\n"
             "Try " + "; or ".join(fixes) + ".\nThe last checkpoint in the workdir is intact: rerun with the new "
             "flags to resume (README: 'Memory at 48M x 30 tasks').")

@@ -215,7 +215,7 @@ class Trainer:
         try:
             return self.program(n)(self.state, self.frozen_wm, *self.feed.args(n))
         except Exception as e:  # noqa: BLE001 - only an out-of-memory error is rewritten, anything else re-raised
-            advice = out_of_memory_advice(e, self.axis.per_device, self.task_chunk, self.plan.pwm.remat != "all")
+            advice = out_of_memory_advice(e, self.axis.per_device, self.task_chunk, self.plan.pwm.remat)
             if advice is None:
                 raise
             raise OutOfDeviceMemory(advice) from e
