@@ -226,9 +226,7 @@ def epoch_diagnostics(cfg: pwm.PWMConfig, state: dict, batch: dict, key: jax.Arr
 
     if cfg.finetune_wm:
         def loss_fn(p):
-            return pwm.wm_loss(cfg.wm, p, batch["obs"], batch["action"], batch["reward"], task, k_wm, gamma=cfg.gamma,
-                               reward_loss=cfg.reward_loss, tau_sampling=cfg.tau_sampling,
-                               teacher_forcing=cfg.teacher_forcing)[0]
+            return pwm.wm_objective(cfg, p, batch["obs"], batch["action"], batch["reward"], task, k_wm)[0]
 
         out.update(module_grad_norms(jax.grad(loss_fn)(wm_params), "wm_grad_norm/"))
     return out

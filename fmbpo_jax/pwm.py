@@ -436,6 +436,13 @@ def init_state(cfg: PWMConfig, key, wm_params: Params | None = None) -> TrainSta
     return state.replace(wm=w, wm_opt=_adam(cfg.wm_betas, cfg.adam_eps).init(w), wm_emb_grad=emb_grad)
 
 
+def wm_objective(cfg: PWMConfig, params: Params, obs, action, reward, task, key, taus=None):
+    """`wm_loss` with this config's settings (gamma, reward loss, tau sampling, teacher forcing, remat): the WM step's
+    objective, also what the diagnostics differentiate and the online WM probe evaluates. Returns (total, parts)."""
+    return wm_loss(cfg.wm, params, obs, action, reward, task, key, gamma=cfg.gamma, reward_loss=cfg.reward_loss,
+                   tau_sampling=cfg.tau_sampling, taus=taus, teacher_forcing=cfg.teacher_forcing, remat=cfg.remat)
+
+
 def wm_update(cfg: PWMConfig, params: Params, opt_state, obs, action, reward, task, key, lr, taus=None, emb_grad=None):
     """One WM Adam step (clip over all WM params; the task embedding is not stepped unless train_task_emb).
 
@@ -444,8 +451,7 @@ def wm_update(cfg: PWMConfig, params: Params, opt_state, obs, action, reward, ta
     others. Returns (params, opt_state, metrics, emb_grad after the clip or None).
     """
     def loss_fn(p):
-        return wm_loss(cfg.wm, p, obs, action, reward, task, key, gamma=cfg.gamma, reward_loss=cfg.reward_loss,
-                       tau_sampling=cfg.tau_sampling, taus=taus, teacher_forcing=cfg.teacher_forcing, remat=cfg.remat)
+        return wm_objective(cfg, p, obs, action, reward, task, key, taus)
 
     (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     if emb_grad is not None:

@@ -136,6 +136,12 @@ def _worker_main(conn, task_ids, max_steps):
     conn.close()
 
 
+def workers_from_flag(flag: int) -> int | None:
+    """`num_workers` for a --config.eval.workers / --config.online.env_workers value: -1 steps the envs in this
+    process (0 workers), 0 chooses automatically (None), N > 0 is N worker processes."""
+    return {-1: 0, 0: None}.get(flag, flag)
+
+
 def default_num_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -77,10 +77,7 @@ def make_wm_probe(cfg: pwm.PWMConfig, batch_size: int) -> Callable:
     def loss(train, data, pos, task, key):
         k_batch, k_tau = jax.random.split(key)
         b = sample_run(data, pos, k_batch, batch_size, cfg.horizon)
-        total, _ = pwm.wm_loss(cfg.wm, train.wm, b["obs"], b["action"], b["reward"], task, k_tau, gamma=cfg.gamma,
-                               reward_loss=cfg.reward_loss, tau_sampling=cfg.tau_sampling,
-                               teacher_forcing=cfg.teacher_forcing)
-        return total
+        return pwm.wm_objective(cfg, train.wm, b["obs"], b["action"], b["reward"], task, k_tau)[0]
 
     def one(train, fresh, buffer, pos, task, key):
         return {"wm_loss_fresh": loss(train, fresh, pos, task, key), "wm_loss_buffer": loss(train, buffer, pos, task, key)}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmbpo_jax.envs.evaluate import Evaluator
+from fmbpo_jax.envs.pool import workers_from_flag
 from fmbpo_jax.envs.planner import evaluate_planning
 from fmbpo_jax.envs.tasks import MT30_TASKS
 from fmbpo_jax.run_config import RunPlan, RunSpec
@@ -169,7 +170,7 @@ class Evaluation:
         plan, spec = self.plan, self.plan.spec
         policy = program.make_policy_fn(plan.pwm, shared_wm=not self.finetune, apply_masks=bool(plan.behaviours["action_masks"]))
         evs = {pos: Evaluator(policy, [spec.task_ids[p] for p in pos], episodes=plan.eval.episodes,
-                              num_workers={-1: 0, 0: None}.get(plan.eval.workers, plan.eval.workers),
+                              num_workers=workers_from_flag(plan.eval.workers),
                               max_steps=plan.eval.max_steps)
                for pos in dict.fromkeys(pos for _, pos in self.groups)}
         return EvalThread(evs, self.groups, spec.seeds, plan.eval.seed, plan.eval.background)

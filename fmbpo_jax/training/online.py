@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmbpo_jax import run_config
-from fmbpo_jax.envs.pool import EnvPool
+from fmbpo_jax.envs.pool import EnvPool, workers_from_flag
 from fmbpo_jax.envs.tasks import MT30_TASKS
 from fmbpo_jax.run_config import OnlinePlan, RunPlan
 from fmbpo_jax.sharding import RunAxis, make_mesh
@@ -145,8 +145,8 @@ class OnlineTrainer:
         if self.o.diagnostics_freq:
             d = plan.diagnostics
             self.diagnose = diagnostics_program(plan.pwm, plan.batch_size, d.num_groups, d.num_probes, d.jac_samples)
-        workers = {-1: 0, 0: None}.get(self.o.env_workers, self.o.env_workers)
-        self.pool = EnvPool(spec.run_task_ids, num_workers=workers, max_steps=self.o.episode_length)
+        self.pool = EnvPool(spec.run_task_ids, num_workers=workers_from_flag(self.o.env_workers),
+                            max_steps=self.o.episode_length)
         self.evaluation.start()
 
     def _restore(self) -> None:

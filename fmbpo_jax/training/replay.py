@@ -31,11 +31,6 @@ def empty(task_ids, capacity_episodes: int, episode_length: int) -> WindowData:
                       episode_length=L)
 
 
-def capacity(data: WindowData) -> int:
-    """Episode slots per run."""
-    return int(data.episode_map.shape[1])
-
-
 @jax.jit
 def add_episode(data: WindowData, obs: jax.Array, action: jax.Array, reward: jax.Array, episode: jax.Array) -> WindowData:
     """The buffer with every run's episode number `episode` (0-based, the same for all runs: they act in lockstep).
